@@ -1,0 +1,41 @@
+"""R-CONV engine: tensors in, tensors out; imports neither flwr nor the scenario config."""
+
+from __future__ import annotations
+
+from fl_attack.engine import inverters as _inverters  # noqa: F401  (fills the registry)
+from fl_attack.engine.reconstruct import (
+    check,
+    layer_chain,
+    reconstruct,
+    single_sample_gradients,
+    validate,
+)
+from fl_attack.engine.registry import INVERTERS, Inverter, register_inverter, registered_types
+from fl_attack.engine.types import (
+    EngineError,
+    LayerDiagnostics,
+    Reconstruction,
+    ReconstructionError,
+    Signal,
+    SolveOptions,
+    UnsupportedLayerError,
+)
+
+__all__ = [
+    "INVERTERS",
+    "EngineError",
+    "Inverter",
+    "LayerDiagnostics",
+    "Reconstruction",
+    "ReconstructionError",
+    "Signal",
+    "SolveOptions",
+    "UnsupportedLayerError",
+    "check",
+    "layer_chain",
+    "reconstruct",
+    "register_inverter",
+    "registered_types",
+    "single_sample_gradients",
+    "validate",
+]

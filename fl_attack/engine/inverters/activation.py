@@ -1,0 +1,94 @@
+"""Shared shape of the element-wise activation inverters."""
+
+from __future__ import annotations
+
+import time
+from abc import abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fl_attack.engine.registry import Inverter, Shape
+from fl_attack.engine.types import LayerDiagnostics, Signal, SolveOptions
+
+__all__ = ["ActivationInverter", "Backward"]
+
+
+@dataclass(frozen=True, slots=True)
+class Backward:
+    """What an activation inverter derives from its output ``y``.
+
+    Attributes
+    ----------
+    derivative : torch.Tensor
+        ``A'(y)``, so that ``dL/dO = dL/dy * A'(y)``.
+    pre_activation : torch.Tensor
+        ``O = A^{-1}(y)`` where recoverable (anything elsewhere).
+    recoverable : torch.Tensor
+        Where ``pre_activation`` is exact enough to serve as a weight constraint.
+    uncertain : torch.Tensor or None
+        Units whose derivative is a close call; ``alt_derivative`` is the other choice.
+    zero_units, saturated_units : int
+        Counts for the diagnostics.
+    """
+
+    derivative: torch.Tensor
+    pre_activation: torch.Tensor
+    recoverable: torch.Tensor
+    uncertain: torch.Tensor | None = None
+    alt_derivative: torch.Tensor | None = None
+    zero_units: int = 0
+    saturated_units: int = 0
+
+
+class ActivationInverter(Inverter):
+    """Element-wise activation: derivative and inverse from the reconstructed output."""
+
+    def output_shape(self, layer: nn.Module, input_shape: Shape) -> Shape:
+        return input_shape
+
+    def problems(self, layer: nn.Module, input_shape: Shape, *, is_last: bool) -> list[str]:
+        if is_last:
+            return ["the last layer must be nn.Linear with bias (label and first gradient)"]
+        return []
+
+    @abstractmethod
+    def backward(self, layer: nn.Module, y: torch.Tensor, options: SolveOptions) -> Backward:
+        """Derivative and inverse of the activation at the reconstructed output ``y``."""
+
+    def invert(
+        self,
+        layer: nn.Module,
+        name: str,
+        grads: Mapping[str, torch.Tensor],
+        output: Signal | None,
+        input_shape: Shape,
+        options: SolveOptions,
+    ) -> tuple[Signal, LayerDiagnostics]:
+        assert output is not None
+        start = time.perf_counter()
+        back = self.backward(layer, output.value, options)
+        known = back.recoverable & output.known
+        alt = None
+        if back.uncertain is not None and back.alt_derivative is not None:
+            known = known & ~back.uncertain
+            alt = output.grad * back.alt_derivative
+        signal = Signal(
+            value=back.pre_activation,
+            known=known,
+            grad=output.grad * back.derivative,
+            uncertain=back.uncertain,
+            grad_alt=alt,
+        )
+        diag = LayerDiagnostics(
+            name=name,
+            kind=type(layer).__name__,
+            constraints="inverse",
+            seconds=time.perf_counter() - start,
+            zero_units=back.zero_units,
+            saturated_units=back.saturated_units,
+            ambiguous_units=int(back.uncertain.sum()) if back.uncertain is not None else 0,
+        )
+        return signal, diag

@@ -1,0 +1,288 @@
+"""R-CONV inversion of ``nn.Conv2d``: gradient constraints plus weight constraints."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import sparse
+from torch import nn
+
+from fl_attack.engine.registry import Inverter, Shape, register_inverter
+from fl_attack.engine.solve import solve_spd
+from fl_attack.engine.types import LayerDiagnostics, Signal, SolveOptions
+
+__all__ = ["Conv2dInverter", "conv_geometry", "settle_by_bias"]
+
+# Close calls per filter settled by enumeration (2**k sums); more are left as decided.
+_MAX_ENUMERATED = 14
+
+
+def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _left_padding(layer: nn.Conv2d) -> tuple[int, int]:
+    """Zero padding before the first row/column, also for ``padding='same'/'valid'``."""
+    if isinstance(layer.padding, str):
+        if layer.padding == "valid":
+            return (0, 0)
+        kh, kw = _pair(layer.kernel_size)
+        dh, dw = _pair(layer.dilation)
+        return (dh * (kh - 1) // 2, dw * (kw - 1) // 2)
+    return _pair(layer.padding)
+
+
+def conv_geometry(
+    layer: nn.Conv2d, input_shape: Shape
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Shape]:
+    """Index tuples ``(f, c, i, j, p, q, u, v)`` of every tap that touches a real input pixel.
+
+    Returns
+    -------
+    (fij, pq, u, v, out_shape)
+        ``fij`` flat kernel-row index ``(f*kh+i)*kw+j``; ``pq`` flat output position
+        ``f*Ho*Wo + p*Wo + q``; ``u, v`` input coordinates; all for one input channel and
+        broadcast over filters; ``out_shape`` is ``(F, Ho, Wo)``.
+    """
+    _, h, w = input_shape
+    f_out = layer.out_channels
+    kh, kw = _pair(layer.kernel_size)
+    sh, sw = _pair(layer.stride)
+    dh, dw = _pair(layer.dilation)
+    ph, pw = _left_padding(layer)
+    if isinstance(layer.padding, str) and layer.padding == "same":
+        ho, wo = h, w
+    else:
+        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    f = torch.arange(f_out).view(-1, 1, 1, 1, 1)
+    i = torch.arange(kh).view(1, -1, 1, 1, 1)
+    j = torch.arange(kw).view(1, 1, -1, 1, 1)
+    p = torch.arange(ho).view(1, 1, 1, -1, 1)
+    q = torch.arange(wo).view(1, 1, 1, 1, -1)
+    u = p * sh + i * dh - ph
+    v = q * sw + j * dw - pw
+    shape = (f_out, kh, kw, ho, wo)
+    u, v = u.expand(shape), v.expand(shape)
+    valid = (u >= 0) & (u < h) & (v >= 0) & (v < w)
+    fij = ((f * kh + i) * kw + j).expand(shape)[valid]
+    pq = (f * ho * wo + p * wo + q).expand(shape)[valid]
+    return fij, pq, u[valid], v[valid], (f_out, ho, wo)
+
+
+@register_inverter(nn.Conv2d)
+class Conv2dInverter(Inverter):
+    """Recover a convolution's input from its weight gradient and, where known, its output.
+
+    Notes
+    -----
+    Each entry of ``dL/dW[f, c, i, j] = sum_pq dL/dO[f, p, q] * z_pad[c, s*p+i, s*q+j]``
+    is linear in the input ``z`` (gradient constraints); the rows are the same for every
+    input channel, so one matrix ``G`` serves all channels. Where the pre-activation
+    output ``O`` is known, ``O - b = conv(z, W)`` adds weight constraints. Rows are
+    normalised and the stacked system is solved in the least-squares sense in float64.
+
+    References
+    ----------
+    .. [1] T. Eltaras, Q. Malluhi, A. Savino, S. Di Carlo, A. Qayyum, "R-CONV: An Analytical
+       Approach for Efficient Data Reconstruction via Convolutional Gradients", WISE 2024,
+       arXiv:2406.04227.
+    """
+
+    def output_shape(self, layer: nn.Module, input_shape: Shape) -> Shape:
+        assert isinstance(layer, nn.Conv2d)
+        return conv_geometry(layer, input_shape)[-1]
+
+    def problems(self, layer: nn.Module, input_shape: Shape, *, is_last: bool) -> list[str]:
+        assert isinstance(layer, nn.Conv2d)
+        out: list[str] = []
+        if len(input_shape) != 3:
+            return [f"expects a (C, H, W) input, gets shape {input_shape}"]
+        if input_shape[0] != layer.in_channels:
+            out.append(f"expects {layer.in_channels} input channels, gets {input_shape[0]}")
+        if layer.groups != 1:
+            out.append(f"groups={layer.groups} is not supported (only groups=1)")
+        if layer.padding_mode != "zeros":
+            out.append(f"padding_mode={layer.padding_mode!r} is not supported (use 'zeros')")
+        if is_last:
+            out.append("the last layer must be nn.Linear with bias (label and first gradient)")
+        if out:
+            return out
+        fij, pq, u, v, (f_out, ho, wo) = conv_geometry(layer, input_shape)
+        if ho <= 0 or wo <= 0:
+            return [f"input {input_shape} is smaller than the kernel: empty output"]
+        _, h, w = input_shape
+        covered = torch.zeros(h, w, dtype=torch.bool)
+        covered[u, v] = True
+        missing = int((~covered).sum())
+        if missing:
+            out.append(
+                f"{missing} of {h * w} input pixels per channel are never seen by the kernel "
+                f"(stride {tuple(_pair(layer.stride))} skips them): they cannot be recovered; "
+                "use padding or a stride no larger than the kernel"
+            )
+        have, need = self.counts(layer, input_shape)
+        if have < need:
+            out.append(
+                f"at most {have} independent constraints for {need} unknowns "
+                "(add filters or reduce the stride)"
+            )
+        return out
+
+    def counts(self, layer: nn.Module, input_shape: Shape) -> tuple[int, int]:
+        assert isinstance(layer, nn.Conv2d)
+        c, h, w = input_shape
+        f_out, ho, wo = conv_geometry(layer, input_shape)[-1]
+        kh, kw = _pair(layer.kernel_size)
+        gradient_rank = c * min(f_out * kh * kw, h * w)
+        return gradient_rank + f_out * ho * wo, c * h * w
+
+    def invert(
+        self,
+        layer: nn.Module,
+        name: str,
+        grads: Mapping[str, torch.Tensor],
+        output: Signal | None,
+        input_shape: Shape,
+        options: SolveOptions,
+    ) -> tuple[Signal, LayerDiagnostics]:
+        assert isinstance(layer, nn.Conv2d) and output is not None
+        start = time.perf_counter()
+        c, h, w = input_shape
+        hw = h * w
+        weight = layer.weight.detach().to(torch.float64)
+        d_weight = grads["weight"]
+        d_out, resolved, unresolved = output.grad, 0, 0
+        if output.uncertain is not None and output.grad_alt is not None and "bias" in grads:
+            d_out, resolved, unresolved = settle_by_bias(
+                output.grad, output.grad_alt, output.uncertain, grads["bias"]
+            )
+        fij, pq, u, v, (f_out, ho, wo) = conv_geometry(layer, input_shape)
+        kh, kw = _pair(layer.kernel_size)
+        n_rows = f_out * kh * kw
+
+        # Gradient constraints: one matrix G (rows f,i,j; columns u,v) shared by all channels.
+        g = torch.zeros(n_rows, hw, dtype=torch.float64)
+        g[fij, u * w + v] = d_out.reshape(-1)[pq]
+        # Rows of a filter whose output gradient is (numerically) zero carry only noise:
+        # drop them, and scale the family as a whole so that small rows keep small weight.
+        norms = g.norm(dim=1)
+        rows = norms > float(norms.max()) * options.eps**0.5
+        scale_g = 1.0 / float(norms[rows].square().mean().sqrt()) if bool(rows.any()) else 1.0
+        g = g[rows] * scale_g
+        b_grad = d_weight.reshape(f_out, c, kh * kw).permute(0, 2, 1).reshape(n_rows, c)
+        b_grad = b_grad[rows] * scale_g
+        gram = g.T @ g
+        rhs_grad = g.T @ b_grad  # (hw, c)
+        equations = int(g.shape[0]) * c
+        bias = layer.bias.detach().to(torch.float64) if layer.bias is not None else None
+        known = output.known.reshape(-1)
+        n_weight = int(known.sum())
+
+        per_channel = solve_spd(gram, rhs_grad, rank_rtol=options.rank_rtol)
+        if per_channel.rank == hw or n_weight == 0:
+            # The gradient constraints alone determine every channel: small, exact solves.
+            z = per_channel.x.T.reshape(c, h, w)
+            rank, used = per_channel.rank * c, "gradient"
+            resid = (g @ per_channel.x - b_grad).square().sum()
+            scale = b_grad.square().sum()
+        else:
+            # Add weight constraints O - b = conv(z, W) where the output is known.
+            target = output.value.reshape(f_out, -1)
+            if bias is not None:
+                target = target - bias[:, None]
+            target = target.reshape(-1)[known]
+            kmat = _weight_matrix(weight, fij, pq, u, v, (c, h, w), f_out * ho * wo)
+            kmat = kmat[known.numpy()]
+            scale_k = 1.0 / max(float(np.sqrt(kmat.multiply(kmat).sum() / kmat.shape[0])), 1e-300)
+            kmat = kmat * scale_k
+            target = target * scale_k
+            kk = torch.from_numpy((kmat.T @ kmat).toarray())
+            normal = torch.kron(torch.eye(c, dtype=torch.float64), gram) + kk
+            kt_target = torch.from_numpy(kmat.T @ target.numpy())
+            rhs = rhs_grad.T.reshape(-1) + kt_target
+            solution = solve_spd(normal, rhs, rank_rtol=options.rank_rtol)
+            z = solution.x.reshape(c, h, w)
+            w_resid = torch.from_numpy(kmat @ z.reshape(-1).numpy()) - target
+            resid = (g @ z.reshape(c, hw).T - b_grad).square().sum() + w_resid.square().sum()
+            scale = b_grad.square().sum() + target.square().sum()
+            rank, used = solution.rank, "gradient+weight"
+            equations += n_weight
+
+        with torch.enable_grad():
+            probe = torch.zeros(1, c, h, w, dtype=torch.float64, requires_grad=True)
+            out = F.conv2d(probe, weight, None, layer.stride, layer.padding, layer.dilation)
+            (d_in,) = torch.autograd.grad(out, probe, d_out.unsqueeze(0))
+        diag = LayerDiagnostics(
+            name=name,
+            kind="Conv2d",
+            equations=equations,
+            unknowns=c * hw,
+            rank=rank,
+            relative_residual=float((resid / scale.clamp_min(1e-300)).sqrt()),
+            constraints=used,
+            seconds=time.perf_counter() - start,
+            resolved_units=resolved,
+            unresolved_units=unresolved,
+        )
+        signal = Signal(value=z, known=torch.ones_like(z, dtype=torch.bool), grad=d_in[0])
+        return signal, diag
+
+
+def _weight_matrix(
+    weight: torch.Tensor,
+    fij: torch.Tensor,
+    pq: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    input_shape: Shape,
+    n_out: int,
+) -> sparse.csr_matrix:
+    """Sparse matrix of ``z -> conv(z, W)`` (rows: outputs f,p,q; columns: inputs c,u,v)."""
+    c, h, w = input_shape
+    f_out, _, kh, kw = weight.shape
+    taps = weight.permute(1, 0, 2, 3).reshape(c, f_out * kh * kw)[:, fij]  # (c, taps)
+    cols = torch.arange(c).view(-1, 1) * (h * w) + (u * w + v).view(1, -1)
+    rows = pq.view(1, -1).expand(c, -1)
+    return sparse.csr_matrix(
+        (taps.reshape(-1).numpy(), (rows.reshape(-1).numpy(), cols.reshape(-1).numpy())),
+        shape=(n_out, c * h * w),
+    )
+
+
+def settle_by_bias(
+    grad: torch.Tensor, alt: torch.Tensor, uncertain: torch.Tensor, d_bias: torch.Tensor
+) -> tuple[torch.Tensor, int, int]:
+    """Settle close-call output gradients so that each filter's sum equals its bias gradient.
+
+    For one sample ``dL/db[f] = sum_pq dL/dO[f, p, q]``. A unit whose activation decision was
+    a close call has two candidate gradients; among the ``2**k`` combinations of a filter's
+    ``k`` close calls, the one whose sum reproduces ``dL/db[f]`` is the truth.
+
+    Returns
+    -------
+    (grad, resolved, unresolved)
+        The settled gradient and how many close calls were / were not settled.
+    """
+    settled = grad.clone()
+    flat_grad, flat_alt = settled.reshape(grad.shape[0], -1), alt.reshape(grad.shape[0], -1)
+    flat_unc = uncertain.reshape(grad.shape[0], -1)
+    resolved = unresolved = 0
+    for f in torch.nonzero(flat_unc.any(dim=1)).flatten().tolist():
+        idx = torch.nonzero(flat_unc[f]).flatten()
+        k = idx.numel()
+        if k > _MAX_ENUMERATED:
+            unresolved += k
+            continue
+        fixed = flat_grad[f].sum() - flat_grad[f, idx].sum()
+        bits = (torch.arange(2**k).unsqueeze(1) >> torch.arange(k)) & 1
+        choices = torch.where(bits.bool(), flat_alt[f, idx], flat_grad[f, idx])
+        errors = (fixed + choices.sum(dim=1) - d_bias[f]).abs()
+        best = int(errors.argmin())
+        flat_grad[f, idx] = choices[best]
+        resolved += k
+    return settled, resolved, unresolved

@@ -1,0 +1,298 @@
+"""The R-CONV attack: walk a layer chain from the output down, one inverter per layer."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fl_attack.engine.registry import Shape, inverter_for, registered_types
+from fl_attack.engine.types import (
+    LayerDiagnostics,
+    Reconstruction,
+    ReconstructionError,
+    Signal,
+    SolveOptions,
+    UnsupportedLayerError,
+)
+
+__all__ = ["check", "layer_chain", "reconstruct", "single_sample_gradients", "validate"]
+
+Gradients = Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
+
+
+def layer_chain(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[str]]:
+    """Leaf layers in execution order, and the containers that make the order unknowable."""
+    if not list(model.children()):
+        return [("", model)], []
+    leaves: list[tuple[str, nn.Module]] = []
+    problems: list[str] = []
+    for name, module in model.named_modules():
+        children = list(module.children())
+        if children and not isinstance(module, nn.Sequential):
+            where = name or "<model>"
+            problems.append(
+                f"{where} ({type(module).__name__}): a container with its own forward(); "
+                "R-CONV needs a plain chain of layers (nest them in nn.Sequential)"
+            )
+        elif not children:
+            leaves.append((name, module))
+    return leaves, problems
+
+
+def _shapes(chain: list[tuple[str, nn.Module]], input_shape: Shape) -> list[Shape]:
+    """Input shape of every layer, plus the final output shape."""
+    shapes = [input_shape]
+    for _, layer in chain:
+        inverter = inverter_for(layer)
+        assert inverter is not None
+        shapes.append(inverter.output_shape(layer, shapes[-1]))
+    return shapes
+
+
+def check(model: nn.Module, input_shape: Shape) -> list[str]:
+    """Every static reason ``model`` cannot be inverted for inputs of ``input_shape``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A chain of layers (``nn.Sequential``, possibly nested).
+    input_shape : tuple of int
+        One sample's shape, without the batch axis, e.g. ``(3, 32, 32)``.
+
+    Returns
+    -------
+    list of str
+        One line per problem, naming the layer (``features.3 (MaxPool2d)``); empty if none.
+    """
+    if not input_shape or any(int(s) <= 0 for s in input_shape):
+        return [f"input_shape must be positive sizes without the batch axis, got {input_shape}"]
+    chain, problems = layer_chain(model)
+    unsupported = [(n, m) for n, m in chain if inverter_for(m) is None]
+    for name, module in unsupported:
+        problems.append(
+            f"{name or '<model>'} ({type(module).__name__}): no inverter for this layer type; "
+            f"supported: {', '.join(registered_types())}"
+        )
+    if problems:
+        return problems
+    if not chain or not isinstance(chain[-1][1], nn.Linear):
+        last = f"{chain[-1][0]} ({type(chain[-1][1]).__name__})" if chain else "<empty>"
+        problems.append(f"{last}: the last layer must be nn.Linear with bias")
+    shape: Shape = tuple(int(s) for s in input_shape)
+    for index, (name, layer) in enumerate(chain):
+        inverter = inverter_for(layer)
+        assert inverter is not None
+        is_last = index == len(chain) - 1
+        issues = inverter.problems(layer, shape, is_last=is_last and not isinstance(layer, nn.Linear))
+        problems.extend(f"{name} ({type(layer).__name__}): {issue}" for issue in issues)
+        if issues:
+            break  # later shapes are meaningless
+        shape = inverter.output_shape(layer, shape)
+    return problems
+
+
+def validate(model: nn.Module, input_shape: Shape, *, probe: bool = False) -> None:
+    """Raise if R-CONV cannot invert ``model``, naming every reason at once.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model the clients train.
+    input_shape : tuple of int
+        One sample's shape, without the batch axis.
+    probe : bool, optional
+        Also attack a random input in float64 with the model's own weights and report
+        any layer whose constraints have numerical rank below its unknowns.
+
+    Raises
+    ------
+    UnsupportedLayerError
+        With one line per problem: the layer's qualified name, its type, why, and the fix.
+    """
+    problems = check(model, input_shape)
+    if not problems and probe:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.rand(input_shape, generator=gen, dtype=torch.float64)
+        grads = single_sample_gradients(model, x, 0, dtype=torch.float64)
+        result = reconstruct(model, grads, input_shape)
+        problems = [
+            f"{d.name} ({d.kind}): constraints of numerical rank {d.rank} for {d.unknowns} "
+            "unknowns on a random input: the layer input is not determined"
+            for d in result.layers
+            if d.rank_deficient
+        ]
+    if problems:
+        raise UnsupportedLayerError(problems)
+
+
+def single_sample_gradients(
+    model: nn.Module, x: torch.Tensor, label: int, *, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """Cross-entropy gradients of one sample, as a client computes them (the oracle).
+
+    Parameters
+    ----------
+    model : nn.Module
+        Model whose parameters the gradients are taken of (left unchanged).
+    x : torch.Tensor
+        One sample without the batch axis.
+    label : int
+        Its class.
+    dtype : torch.dtype
+        Precision of the forward/backward pass (float32, as a client runs it, by default).
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        Gradients keyed by ``model.named_parameters()`` names, in ``dtype``.
+    """
+    params = {n: p.detach().to(dtype) for n, p in model.named_parameters()}
+    with torch.enable_grad():
+        leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}
+        logits = torch.func.functional_call(model, leaves, (x.to(dtype).unsqueeze(0),))
+        loss = F.cross_entropy(logits, torch.tensor([label]))
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+    return dict(zip(leaves, grads, strict=True))
+
+
+def _named_gradients(model: nn.Module, gradients: Gradients) -> dict[str, torch.Tensor]:
+    """Check names, shapes and values of the gradients; return them keyed by name."""
+    params = dict(model.named_parameters())
+    if isinstance(gradients, Mapping):
+        missing = sorted(set(params) - set(gradients))
+        extra = sorted(set(gradients) - set(params))
+        if missing or extra:
+            raise ReconstructionError(
+                f"gradients do not match the model's parameters: missing {missing}, "
+                f"unexpected {extra}; pass one tensor per model.named_parameters() entry"
+            )
+        named = {n: gradients[n] for n in params}
+    else:
+        if len(gradients) != len(params):
+            raise ReconstructionError(
+                f"got {len(gradients)} gradient tensors for {len(params)} parameters; "
+                "pass them in model.parameters() order"
+            )
+        named = dict(zip(params, gradients, strict=True))
+    for name, grad in named.items():
+        if not isinstance(grad, torch.Tensor):
+            raise ReconstructionError(f"gradient {name!r} is a {type(grad).__name__}, not a tensor")
+        if tuple(grad.shape) != tuple(params[name].shape):
+            raise ReconstructionError(
+                f"gradient {name!r} has shape {tuple(grad.shape)}, the parameter has "
+                f"{tuple(params[name].shape)}"
+            )
+        if not grad.is_floating_point():
+            raise ReconstructionError(f"gradient {name!r} has dtype {grad.dtype}, not floating")
+        if not bool(torch.isfinite(grad).all()):
+            raise ReconstructionError(f"gradient {name!r} contains NaN or Inf")
+    return named
+
+
+def reconstruct(
+    model: nn.Module,
+    gradients: Gradients,
+    input_shape: Shape,
+    *,
+    options: SolveOptions | None = None,
+) -> Reconstruction:
+    """Recover one client's input from its single-sample gradients (R-CONV).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model with the weights the gradients were taken at: a chain of registered
+        layers ending in ``nn.Linear`` with bias.
+    gradients : Mapping[str, torch.Tensor] or Sequence[torch.Tensor]
+        One gradient per parameter, keyed by ``named_parameters()`` name or in
+        ``parameters()`` order, in any floating dtype (float32 as clients send them).
+    input_shape : tuple of int
+        One sample's shape without the batch axis, e.g. ``(3, 32, 32)``.
+    options : SolveOptions, optional
+        Tolerances; by default derived from the gradients' dtype.
+
+    Returns
+    -------
+    Reconstruction
+        Image (float64), label, per-layer diagnostics and warnings.
+
+    Raises
+    ------
+    UnsupportedLayerError
+        If :func:`check` finds a problem with the model.
+    ReconstructionError
+        If the gradients do not fit the model or carry no information.
+
+    References
+    ----------
+    .. [1] T. Eltaras et al., "R-CONV: An Analytical Approach for Efficient Data
+       Reconstruction via Convolutional Gradients", WISE 2024, arXiv:2406.04227.
+    """
+    start = time.perf_counter()
+    shape: Shape = tuple(int(s) for s in input_shape)
+    problems = check(model, shape)
+    if problems:
+        raise UnsupportedLayerError(problems)
+    chain, _ = layer_chain(model)
+    named = _named_gradients(model, gradients)
+    if options is None:
+        dtypes = {g.dtype for g in named.values()}
+        worst = min(dtypes, key=lambda d: torch.finfo(d).bits)
+        options = SolveOptions.for_dtype(worst)
+    shapes = _shapes(chain, shape)
+    prefix = {name: name + "." if name else "" for name, _ in chain}
+    signal: Signal | None = None
+    diagnostics: list[LayerDiagnostics] = []
+    with torch.no_grad():
+        for index in range(len(chain) - 1, -1, -1):
+            name, layer = chain[index]
+            inverter = inverter_for(layer)
+            assert inverter is not None
+            own = {
+                local: named[prefix[name] + local].to(torch.float64)
+                for local, _ in layer.named_parameters(recurse=False)
+            }
+            signal, diag = inverter.invert(layer, name, own, signal, shapes[index], options)
+            diagnostics.append(diag)
+    assert signal is not None
+    last_bias = named[prefix[chain[-1][0]] + "bias"]
+    label = int(last_bias.argmin())
+    warnings = _warnings(diagnostics, int((last_bias < 0).sum()))
+    return Reconstruction(
+        image=signal.value.reshape(shape),
+        label=label,
+        layers=tuple(diagnostics),
+        seconds=time.perf_counter() - start,
+        warnings=tuple(warnings),
+    )
+
+
+def _warnings(diagnostics: list[LayerDiagnostics], negatives: int) -> list[str]:
+    """Human-readable reasons a reconstruction may be inexact."""
+    out: list[str] = []
+    if negatives != 1:
+        out.append(
+            f"label: {negatives} negative bias-gradient entries (a single cross-entropy sample "
+            "has exactly one): the label guess is unreliable"
+        )
+    for d in diagnostics:
+        if d.rank_deficient:
+            out.append(
+                f"{d.name} ({d.kind}): rank {d.rank} < {d.unknowns} unknowns: "
+                f"{d.unknowns - d.rank} directions of its input are lost"
+            )
+        if d.saturated_units:
+            out.append(
+                f"{d.name} ({d.kind}): {d.saturated_units} saturated units "
+                "(derivative and pre-activation lost at this precision)"
+            )
+        if d.relative_residual > 1e-2 and d.unknowns:
+            out.append(
+                f"{d.name} ({d.kind}): relative residual {d.relative_residual:.2g}: the "
+                "constraints disagree (noise, or not a single-sample gradient)"
+            )
+    return out

@@ -1,0 +1,102 @@
+"""One registry, keyed by layer type, of the inverters the engine knows."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+from fl_attack.engine.types import LayerDiagnostics, Signal, SolveOptions
+
+__all__ = ["INVERTERS", "Inverter", "inverter_for", "register_inverter", "registered_types"]
+
+Shape = tuple[int, ...]
+
+
+class Inverter(ABC):
+    """Inverts one layer type: from what is known at its output to what is known at its input.
+
+    Subclasses are registered with :func:`register_inverter` and must be stateless.
+    """
+
+    @abstractmethod
+    def output_shape(self, layer: nn.Module, input_shape: Shape) -> Shape:
+        """Shape of the layer's output (no batch axis) for an input of ``input_shape``."""
+
+    def problems(self, layer: nn.Module, input_shape: Shape, *, is_last: bool) -> list[str]:
+        """Static reasons this layer cannot be inverted (empty when it can)."""
+        return []
+
+    def counts(self, layer: nn.Module, input_shape: Shape) -> tuple[int, int]:
+        """Upper bound on independent constraints, and the unknowns, for the layer input."""
+        return (0, 0)
+
+    @abstractmethod
+    def invert(
+        self,
+        layer: nn.Module,
+        name: str,
+        grads: Mapping[str, torch.Tensor],
+        output: Signal | None,
+        input_shape: Shape,
+        options: SolveOptions,
+    ) -> tuple[Signal, LayerDiagnostics]:
+        """Recover the layer's input signal.
+
+        Parameters
+        ----------
+        layer : nn.Module
+            The layer, with the weights the client started from.
+        name : str
+            Qualified name, used in diagnostics and errors.
+        grads : Mapping[str, torch.Tensor]
+            The layer's own parameter gradients (float64), keyed ``weight``/``bias``.
+        output : Signal or None
+            What is known at the layer's output; None for the model's last layer.
+        input_shape : tuple of int
+            Shape of the layer's input, without the batch axis.
+        options : SolveOptions
+            Tolerances for the gradients' dtype.
+        """
+
+
+INVERTERS: dict[type[nn.Module], Inverter] = {}
+
+I = TypeVar("I", bound=type[Inverter])
+
+
+def register_inverter(*layer_types: type[nn.Module]) -> Callable[[I], I]:
+    """Class decorator registering an :class:`Inverter` for one or more layer types.
+
+    Raises
+    ------
+    ValueError
+        If a layer type already has an inverter, or no type is given.
+    """
+    if not layer_types:
+        raise ValueError("register_inverter needs at least one nn.Module subclass")
+
+    def decorate(cls: I) -> I:
+        for layer_type in layer_types:
+            if layer_type in INVERTERS:
+                raise ValueError(
+                    f"{layer_type.__name__} already has an inverter "
+                    f"({type(INVERTERS[layer_type]).__name__}); refusing {cls.__name__}"
+                )
+            INVERTERS[layer_type] = cls()
+        return cls
+
+    return decorate
+
+
+def inverter_for(layer: nn.Module) -> Inverter | None:
+    """The inverter registered for exactly this layer's type, if any."""
+    return INVERTERS.get(type(layer))
+
+
+def registered_types() -> list[str]:
+    """Names of the registered layer types, sorted."""
+    return sorted(t.__name__ for t in INVERTERS)
