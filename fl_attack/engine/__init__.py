@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fl_attack.engine import inverters as _inverters  # noqa: F401  (fills the registry)
+from fl_attack.engine.oracle import LayerTrace, assert_all_close, trace
 from fl_attack.engine.reconstruct import (
     check,
     layer_chain,
@@ -26,16 +27,19 @@ __all__ = [
     "EngineError",
     "Inverter",
     "LayerDiagnostics",
+    "LayerTrace",
     "Reconstruction",
     "ReconstructionError",
     "Signal",
     "SolveOptions",
     "UnsupportedLayerError",
+    "assert_all_close",
     "check",
     "layer_chain",
     "reconstruct",
     "register_inverter",
     "registered_types",
     "single_sample_gradients",
+    "trace",
     "validate",
 ]

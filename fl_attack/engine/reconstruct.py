@@ -87,7 +87,9 @@ def check(model: nn.Module, input_shape: Shape) -> list[str]:
         inverter = inverter_for(layer)
         assert inverter is not None
         is_last = index == len(chain) - 1
-        issues = inverter.problems(layer, shape, is_last=is_last and not isinstance(layer, nn.Linear))
+        issues = inverter.problems(
+            layer, shape, is_last=is_last and not isinstance(layer, nn.Linear)
+        )
         problems.extend(f"{name} ({type(layer).__name__}): {issue}" for issue in issues)
         if issues:
             break  # later shapes are meaningless

@@ -65,10 +65,10 @@ class Inverter(ABC):
 
 INVERTERS: dict[type[nn.Module], Inverter] = {}
 
-I = TypeVar("I", bound=type[Inverter])
+InverterClass = TypeVar("InverterClass", bound=type[Inverter])
 
 
-def register_inverter(*layer_types: type[nn.Module]) -> Callable[[I], I]:
+def register_inverter(*layer_types: type[nn.Module]) -> Callable[[InverterClass], InverterClass]:
     """Class decorator registering an :class:`Inverter` for one or more layer types.
 
     Raises
@@ -79,7 +79,7 @@ def register_inverter(*layer_types: type[nn.Module]) -> Callable[[I], I]:
     if not layer_types:
         raise ValueError("register_inverter needs at least one nn.Module subclass")
 
-    def decorate(cls: I) -> I:
+    def decorate(cls: InverterClass) -> InverterClass:
         for layer_type in layer_types:
             if layer_type in INVERTERS:
                 raise ValueError(

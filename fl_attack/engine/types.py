@@ -65,7 +65,9 @@ class SolveOptions:
         """Tolerances suited to gradients computed in ``dtype``."""
         eps = float(torch.finfo(dtype).eps)
         if dtype == torch.float64:
-            return cls(eps=eps, rank_rtol=1e-7, zero_rtol=1e-8, saturation=1e-12, inverse_floor=1e-5)
+            return cls(
+                eps=eps, rank_rtol=1e-7, zero_rtol=1e-8, saturation=1e-12, inverse_floor=1e-5
+            )
         # float32/bfloat16/float16: information below ~sqrt(eps) is noise.
         return cls(eps=eps, rank_rtol=3e-5, zero_rtol=1e-3, saturation=1e-6, inverse_floor=1e-2)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-class Init(str, Enum):
+class Init(StrEnum):
     """Weight initialisation: the seed's U(-0.5, 0.5) or PyTorch's default."""
 
     UNIFORM = "uniform"
@@ -45,15 +45,25 @@ class ModelSpec:
 
 
 ARCHITECTURES: dict[str, ModelSpec] = {
-    "rconv-main": ModelSpec(((12, 2), (16, 2), (12, 1), (3, 1)), ("LeakyReLU", "LeakyReLU", "A", "A")),
-    "lenet": ModelSpec(((12, 2), (16, 2), (12, 1), (12, 1)), ("LeakyReLU", "LeakyReLU", "ReLU", "ReLU")),
-    "lenet-o": ModelSpec(((12, 2), (16, 2), (3, 1), (3, 1)), ("LeakyReLU", "LeakyReLU", "ReLU", "ReLU")),
+    "rconv-main": ModelSpec(
+        ((12, 2), (16, 2), (12, 1), (3, 1)), ("LeakyReLU", "LeakyReLU", "A", "A")
+    ),
+    "lenet": ModelSpec(
+        ((12, 2), (16, 2), (12, 1), (12, 1)), ("LeakyReLU", "LeakyReLU", "ReLU", "ReLU")
+    ),
+    "lenet-o": ModelSpec(
+        ((12, 2), (16, 2), (3, 1), (3, 1)), ("LeakyReLU", "LeakyReLU", "ReLU", "ReLU")
+    ),
     "o-cnn6": ModelSpec(
         ((12, 2), (16, 2), (3, 1), (3, 1), (3, 1), (3, 1)),
         ("LeakyReLU", "LeakyReLU", "ReLU", "ReLU", "ReLU", "ReLU"),
     ),
-    "lenet-4-relu": ModelSpec(((12, 2), (22, 2), (3, 1), (3, 1)), ("LeakyReLU", "ReLU", "ReLU", "ReLU")),
-    "lenet-all-relu": ModelSpec(((77, 2), (22, 2), (3, 1), (3, 1)), ("ReLU", "ReLU", "ReLU", "ReLU")),
+    "lenet-4-relu": ModelSpec(
+        ((12, 2), (22, 2), (3, 1), (3, 1)), ("LeakyReLU", "ReLU", "ReLU", "ReLU")
+    ),
+    "lenet-all-relu": ModelSpec(
+        ((77, 2), (22, 2), (3, 1), (3, 1)), ("ReLU", "ReLU", "ReLU", "ReLU")
+    ),
     "dlg-lenet": ModelSpec(((12, 2), (12, 2), (12, 1)), ("Sigmoid", "Sigmoid", "Sigmoid")),
 }
 

@@ -112,7 +112,7 @@ class Conv2dInverter(Inverter):
             out.append("the last layer must be nn.Linear with bias (label and first gradient)")
         if out:
             return out
-        fij, pq, u, v, (f_out, ho, wo) = conv_geometry(layer, input_shape)
+        _, _, u, v, (_, ho, wo) = conv_geometry(layer, input_shape)
         if ho <= 0 or wo <= 0:
             return [f"input {input_shape} is smaller than the kernel: empty output"]
         _, h, w = input_shape
@@ -183,8 +183,13 @@ class Conv2dInverter(Inverter):
         known = output.known.reshape(-1)
         n_weight = int(known.sum())
 
-        per_channel = solve_spd(gram, rhs_grad, rank_rtol=options.rank_rtol)
-        if per_channel.rank == hw or n_weight == 0:
+        # Fewer gradient rows than pixels cannot determine a channel: skip straight to both.
+        per_channel = (
+            solve_spd(gram, rhs_grad, rank_rtol=options.rank_rtol)
+            if g.shape[0] >= hw or n_weight == 0
+            else None
+        )
+        if per_channel is not None and (per_channel.rank == hw or n_weight == 0):
             # The gradient constraints alone determine every channel: small, exact solves.
             z = per_channel.x.T.reshape(c, h, w)
             rank, used = per_channel.rank * c, "gradient"

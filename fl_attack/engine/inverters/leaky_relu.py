@@ -16,7 +16,9 @@ __all__ = ["LeakyReLUInverter"]
 class LeakyReLUInverter(ActivationInverter):
     """``y = O`` if ``O > 0`` else ``slope * O``; the sign of ``y`` is the sign of ``O``."""
 
-    def problems(self, layer: nn.Module, input_shape: tuple[int, ...], *, is_last: bool) -> list[str]:
+    def problems(
+        self, layer: nn.Module, input_shape: tuple[int, ...], *, is_last: bool
+    ) -> list[str]:
         assert isinstance(layer, nn.LeakyReLU)
         out = super().problems(layer, input_shape, is_last=is_last)
         if layer.negative_slope == 0:

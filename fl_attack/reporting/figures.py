@@ -1,0 +1,50 @@
+"""Pictures: what people would rather look at than read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a window
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from fl_attack.reporting.files import atomic_write
+
+__all__ = ["save_side_by_side", "to_display"]
+
+
+def to_display(image: torch.Tensor) -> np.ndarray:
+    """(C, H, W) tensor -> (H, W[, 3]) float array clipped to [0, 1] for imshow."""
+    array = image.detach().to(torch.float64).clamp(0, 1).cpu().numpy()
+    return array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0)
+
+
+def save_side_by_side(
+    path: Path, original: torch.Tensor, estimate: torch.Tensor, *, title: str
+) -> Path:
+    """Write ``original | reconstruction | |error|`` as one PNG.
+
+    The error panel is scaled to its own maximum (shown in its caption) so that
+    structure in a tiny error stays visible.
+    """
+    error = (estimate.to(torch.float64) - original.to(torch.float64)).abs().amax(dim=0)
+    peak = float(error.max())
+    fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.9))
+    gray = "gray" if original.shape[0] == 1 else None
+    axes[0].imshow(to_display(original), cmap=gray, vmin=0, vmax=1)
+    axes[0].set_title("original", fontsize=9)
+    axes[1].imshow(to_display(estimate), cmap=gray, vmin=0, vmax=1)
+    axes[1].set_title("reconstruction", fontsize=9)
+    axes[2].imshow(error.numpy(), cmap="magma", vmin=0, vmax=peak if peak > 0 else 1)
+    axes[2].set_title(f"|error| (max {peak:.1e})", fontsize=9)
+    for ax in axes:
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path

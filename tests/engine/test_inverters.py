@@ -1,0 +1,160 @@
+"""Oracle tests: every registered inverter against autograd on a known input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fl_attack.engine import (
+    INVERTERS,
+    Signal,
+    SolveOptions,
+    assert_all_close,
+    registered_types,
+    trace,
+)
+from fl_attack.engine.registry import inverter_for, register_inverter
+
+F64 = SolveOptions.for_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def _full_signal(value: torch.Tensor, grad: torch.Tensor) -> Signal:
+    return Signal(value=value, known=torch.ones_like(value, dtype=torch.bool), grad=grad)
+
+
+def test_registry_holds_the_seven_layer_types() -> None:
+    # Prepare / Execute
+    names = registered_types()
+    # Assert
+    assert names == sorted(["Conv2d", "Flatten", "LeakyReLU", "Linear", "ReLU", "Sigmoid", "Tanh"])
+
+
+def test_registering_a_type_twice_is_refused() -> None:
+    with pytest.raises(ValueError, match="already has an inverter"):
+        register_inverter(nn.Linear)(type(INVERTERS[nn.Linear]))
+
+
+def test_linear_inverter_recovers_input_and_input_gradient() -> None:
+    # Prepare
+    model = nn.Sequential(nn.Linear(20, 7)).double()
+    x = torch.randn(20, dtype=torch.float64)
+    truth = trace(model, x, 3)["0"]
+    grads = {n: p for n, p in _grads(model, x, 3).items()}
+    # Execute
+    signal, diag = inverter_for(model[0]).invert(
+        model[0], "0", {"weight": grads["0.weight"], "bias": grads["0.bias"]}, None, (20,), F64
+    )
+    # Assert
+    assert_all_close(
+        {"input": truth.input, "grad_input": truth.grad_input},
+        {"input": signal.value, "grad_input": signal.grad},
+        rtol=1e-10,
+        atol=1e-12,
+    )
+    assert diag.rank == diag.unknowns == 20
+    assert diag.relative_residual < 1e-12
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "filters", "shape"),
+    [
+        (5, 2, 2, 12, (3, 16, 16)),
+        (3, 1, 1, 4, (2, 9, 7)),
+        (5, 1, 2, 3, (4, 8, 8)),
+        (3, 2, 0, 16, (3, 11, 13)),
+        (4, 2, 1, 20, (1, 12, 10)),
+    ],
+)
+@pytest.mark.parametrize("known_fraction", [1.0, 0.5, 0.0])
+def test_conv2d_inverter_recovers_input(
+    kernel: int,
+    stride: int,
+    padding: int,
+    filters: int,
+    shape: tuple[int, int, int],
+    known_fraction: float,
+) -> None:
+    # Prepare: a conv layer inside a model, its true output and output gradient.
+    conv = nn.Conv2d(shape[0], filters, kernel, stride=stride, padding=padding).double()
+    probe = conv(torch.zeros(1, *shape, dtype=torch.float64))
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(probe.numel(), 5)).double()
+    x = torch.rand(shape, dtype=torch.float64)
+    truth = trace(model, x, 1)["0"]
+    known = torch.rand(truth.output.shape) < known_fraction
+    grads = _grads(model, x, 1)
+    # The oracle system, built independently by autograd: both constraint families'
+    # Jacobians with respect to the input.
+    weight_grad = torch.func.jacrev(
+        lambda z: torch.nn.grad.conv2d_weight(
+            z[None], conv.weight.shape, truth.grad_output[None], stride=stride, padding=padding
+        )
+    )(x).reshape(-1, x.numel())
+    forward = torch.func.jacrev(lambda z: conv(z[None])[0])(x).reshape(-1, x.numel())
+    system = torch.cat([weight_grad, forward[known.reshape(-1)]])
+    expected_rank = int(torch.linalg.matrix_rank(system, rtol=1e-9))
+    # Execute
+    signal, diag = inverter_for(conv).invert(
+        conv,
+        "0",
+        {"weight": grads["0.weight"], "bias": grads["0.bias"]},
+        Signal(value=truth.output, known=known, grad=truth.grad_output),
+        shape,
+        F64,
+    )
+    # Assert: the rank is reported as it is; a full-rank system gives the exact input.
+    assert diag.rank == expected_rank, diag
+    assert_all_close(
+        {"grad_input": truth.grad_input}, {"grad_input": signal.grad}, rtol=1e-9, atol=1e-12
+    )
+    if expected_rank == x.numel():
+        assert_all_close({"input": truth.input}, {"input": signal.value}, rtol=1e-7, atol=1e-8)
+    else:
+        assert diag.rank_deficient
+
+
+@pytest.mark.parametrize(
+    "layer", [nn.ReLU(), nn.LeakyReLU(0.2), nn.LeakyReLU(0.01), nn.Sigmoid(), nn.Tanh()]
+)
+def test_activation_inverters_match_autograd(layer: nn.Module) -> None:
+    # Prepare
+    model = nn.Sequential(nn.Flatten(), nn.Linear(30, 30), layer, nn.Linear(30, 4)).double()
+    x = torch.randn(1, 30, dtype=torch.float64)
+    truth = trace(model, x, 2)["2"]
+    # Execute
+    signal, diag = inverter_for(layer).invert(
+        layer, "2", {}, _full_signal(truth.output, truth.grad_output), (30,), F64
+    )
+    # Assert: the gradient everywhere; the pre-activation wherever declared known.
+    assert_all_close(
+        {"grad_input": truth.grad_input, "known_input": truth.input[signal.known]},
+        {"grad_input": signal.grad, "known_input": signal.value[signal.known]},
+        rtol=1e-7,  # autograd's LeakyReLU backward rounds its slope to float32
+        atol=1e-12,
+    )
+    if isinstance(layer, nn.ReLU):
+        assert torch.equal(signal.known, truth.input > 0)
+        assert diag.zero_units == int((truth.input <= 0).sum())
+    else:
+        assert bool(signal.known.all())
+
+
+def test_flatten_inverter_reshapes_values_mask_and_gradient() -> None:
+    layer = nn.Flatten()
+    value, grad = torch.randn(24, dtype=torch.float64), torch.randn(24, dtype=torch.float64)
+    signal, _ = inverter_for(layer).invert(
+        layer, "f", {}, _full_signal(value, grad), (2, 3, 4), F64
+    )
+    assert signal.value.shape == signal.grad.shape == signal.known.shape == (2, 3, 4)
+    assert torch.equal(signal.value.reshape(-1), value)
+
+
+def _grads(model: nn.Module, x: torch.Tensor, label: int) -> dict[str, torch.Tensor]:
+    from fl_attack.engine import single_sample_gradients
+
+    return single_sample_gradients(model, x, label, dtype=torch.float64)
