@@ -48,9 +48,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--dtype {args.dtype!r} is not supported; use float32 or float64")
     try:
         name = canonical_name(args.dataset)
-        data = load_dataset(
-            name, root=args.data_dir, limit=args.index + 1 if args.index >= 0 else 1
-        )
+        data = load_dataset(name, root=args.data_dir)
     except DataError as exc:
         raise UsageError(str(exc)) from None
     if not 0 <= args.index < len(data):

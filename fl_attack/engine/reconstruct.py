@@ -201,6 +201,7 @@ def reconstruct(
     input_shape: Shape,
     *,
     options: SolveOptions | None = None,
+    input_floor: float | None = None,
 ) -> Reconstruction:
     """Recover one client's input from its single-sample gradients (R-CONV).
 
@@ -216,6 +217,9 @@ def reconstruct(
         One sample's shape without the batch axis, e.g. ``(3, 32, 32)``.
     options : SolveOptions, optional
         Tolerances; by default derived from the gradients' dtype.
+    input_floor : float, optional
+        A known lower bound of the input (0 for images in [0, 1]); used only where the
+        first layer's equations leave directions undetermined.
 
     Returns
     -------
@@ -258,7 +262,13 @@ def reconstruct(
                 local: named[prefix[name] + local].to(torch.float64)
                 for local, _ in layer.named_parameters(recurse=False)
             }
-            signal, diag = inverter.invert(layer, name, own, signal, shapes[index], options)
+            below = inverter_for(chain[index - 1][1]) if index > 0 else None
+            floor = (
+                below.output_floor(chain[index - 1][1]) if below is not None else input_floor
+            )
+            signal, diag = inverter.invert(
+                layer, name, own, signal, shapes[index], options, input_floor=floor
+            )
             diagnostics.append(diag)
     assert signal is not None
     last_bias = named[prefix[chain[-1][0]] + "bias"]

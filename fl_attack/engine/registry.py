@@ -43,6 +43,8 @@ class Inverter(ABC):
         output: Signal | None,
         input_shape: Shape,
         options: SolveOptions,
+        *,
+        input_floor: float | None = None,
     ) -> tuple[Signal, LayerDiagnostics]:
         """Recover the layer's input signal.
 
@@ -60,7 +62,14 @@ class Inverter(ABC):
             Shape of the layer's input, without the batch axis.
         options : SolveOptions
             Tolerances for the gradients' dtype.
+        input_floor : float, optional
+            A known lower bound of the layer input (0 after a ReLU), usable when the
+            layer's equations alone leave directions undetermined.
         """
+
+    def output_floor(self, layer: nn.Module) -> float | None:
+        """A lower bound every output of this layer satisfies (None if unbounded)."""
+        return None
 
 
 INVERTERS: dict[type[nn.Module], Inverter] = {}

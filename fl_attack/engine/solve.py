@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from scipy import optimize
 from scipy.linalg import lapack
 
 __all__ = ["SpdSolution", "solve_spd"]
 
 _POWER_STEPS = 8
+# Squared weight of the lost directions on an unknown above which it counts as undetermined.
+_LEVERAGE_TOL = 1e-10
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,11 +29,19 @@ class SpdSolution:
     condition : float
         Estimated ``sigma_max / sigma_min`` of ``A`` (LAPACK's 1-norm estimate; inf when
         rank-deficient).
+    undetermined : torch.Tensor or None
+        When rank-deficient, the unknowns that the lost directions touch (the others are
+        still exact); None when every unknown is determined.
+    bounded : bool
+        True when a lower bound on the unknowns settled the lost directions (``rank``
+        then counts the active bounds too).
     """
 
     x: torch.Tensor
     rank: int
     condition: float
+    undetermined: torch.Tensor | None = None
+    bounded: bool = False
 
 
 def _lambda_max(normal: torch.Tensor) -> float:
@@ -53,7 +65,9 @@ def _reciprocal_condition(normal: torch.Tensor, factor: torch.Tensor) -> float:
     return float(rcond) if info == 0 else 0.0
 
 
-def solve_spd(normal: torch.Tensor, rhs: torch.Tensor, *, rank_rtol: float) -> SpdSolution:
+def solve_spd(
+    normal: torch.Tensor, rhs: torch.Tensor, *, rank_rtol: float, floor: float | None = None
+) -> SpdSolution:
     """Solve the normal equations ``normal @ x = rhs`` and report the numerical rank.
 
     Parameters
@@ -64,6 +78,10 @@ def solve_spd(normal: torch.Tensor, rhs: torch.Tensor, *, rank_rtol: float) -> S
         ``A^T b``, shape (n,) or (n, k).
     rank_rtol : float
         Singular values of ``A`` below ``rank_rtol * sigma_max`` are treated as zero.
+    floor : float, optional
+        A known lower bound of every unknown (0 for a ReLU output). When ``A`` is
+        rank-deficient, a bounded least-squares solve often pins the lost directions:
+        the many outputs that sit exactly on the bound leave no freedom.
 
     Returns
     -------
@@ -76,7 +94,12 @@ def solve_spd(normal: torch.Tensor, rhs: torch.Tensor, *, rank_rtol: float) -> S
         return SpdSolution(x=rhs.clone(), rank=0, condition=1.0)
     lam_max = _lambda_max(normal)
     if lam_max == 0.0:
-        return SpdSolution(x=torch.zeros_like(rhs), rank=0, condition=float("inf"))
+        return SpdSolution(
+            x=torch.zeros_like(rhs),
+            rank=0,
+            condition=float("inf"),
+            undetermined=torch.ones(n, dtype=torch.bool),
+        )
     cutoff = (rank_rtol**2) * lam_max
     factor, info = torch.linalg.cholesky_ex(normal)
     if int(info) == 0:
@@ -93,5 +116,45 @@ def solve_spd(normal: torch.Tensor, rhs: torch.Tensor, *, rank_rtol: float) -> S
     kept = evecs[:, keep]
     coef = (kept.T @ rhs.reshape(n, -1)) / evals[keep].unsqueeze(1)
     x = (kept @ coef).reshape(rhs.shape)
-    condition = float("inf") if rank < n else float((evals[-1] / evals[0]) ** 0.5)
-    return SpdSolution(x=x, rank=rank, condition=condition)
+    if rank == n:
+        return SpdSolution(x=x, rank=rank, condition=float((evals[-1] / evals[0]) ** 0.5))
+    if floor is not None and rank > 0:
+        return _bounded(evals[keep], kept, rhs, floor, rank)
+    # An unknown is still exact if the lost directions leave it (almost) untouched.
+    leverage = evecs[:, ~keep].square().sum(dim=1)
+    return SpdSolution(
+        x=x, rank=rank, condition=float("inf"), undetermined=leverage > _LEVERAGE_TOL
+    )
+
+
+def _bounded(
+    evals: torch.Tensor, evecs: torch.Tensor, rhs: torch.Tensor, floor: float, rank: int
+) -> SpdSolution:
+    """Least squares with ``x >= floor`` (Lawson-Hanson) on the data-determined subspace.
+
+    ``A`` is replaced by the equivalent ``diag(sqrt(lambda)) V^T`` (same normal matrix), so
+    the problem has ``rank`` rows whatever the original number of equations.
+    """
+    n = evecs.shape[0]
+    root = evals.sqrt()
+    a_red = (root.unsqueeze(1) * evecs.T).numpy()
+    columns = rhs.reshape(n, -1)
+    shift = a_red.sum(axis=1) * floor
+    out = torch.empty_like(columns)
+    undetermined = torch.zeros(n, dtype=torch.bool)
+    for k in range(columns.shape[1]):
+        b_red = ((evecs.T @ columns[:, k]) / root).numpy() - shift
+        z, _ = optimize.nnls(a_red, b_red, maxiter=50 * n)
+        free = z > 0
+        # Unique iff the columns of the free unknowns are independent.
+        if np.linalg.matrix_rank(a_red[:, free]) < int(free.sum()):
+            undetermined |= torch.from_numpy(free)
+        out[:, k] = torch.from_numpy(z + floor)
+    unique = not bool(undetermined.any())
+    return SpdSolution(
+        x=out.reshape(rhs.shape),
+        rank=n if unique else rank,
+        condition=float("inf"),
+        undetermined=None if unique else undetermined,
+        bounded=True,
+    )

@@ -66,6 +66,8 @@ class ActivationInverter(Inverter):
         output: Signal | None,
         input_shape: Shape,
         options: SolveOptions,
+        *,
+        input_floor: float | None = None,
     ) -> tuple[Signal, LayerDiagnostics]:
         assert output is not None
         start = time.perf_counter()

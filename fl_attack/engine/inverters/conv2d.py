@@ -149,6 +149,8 @@ class Conv2dInverter(Inverter):
         output: Signal | None,
         input_shape: Shape,
         options: SolveOptions,
+        *,
+        input_floor: float | None = None,
     ) -> tuple[Signal, LayerDiagnostics]:
         assert isinstance(layer, nn.Conv2d) and output is not None
         start = time.perf_counter()
@@ -184,15 +186,20 @@ class Conv2dInverter(Inverter):
         n_weight = int(known.sum())
 
         # Fewer gradient rows than pixels cannot determine a channel: skip straight to both.
+        determined = torch.ones(c, h, w, dtype=torch.bool)
         per_channel = (
-            solve_spd(gram, rhs_grad, rank_rtol=options.rank_rtol)
+            solve_spd(gram, rhs_grad, rank_rtol=options.rank_rtol, floor=input_floor)
             if g.shape[0] >= hw or n_weight == 0
             else None
         )
         if per_channel is not None and (per_channel.rank == hw or n_weight == 0):
             # The gradient constraints alone determine every channel: small, exact solves.
             z = per_channel.x.T.reshape(c, h, w)
+            if per_channel.undetermined is not None:
+                determined = (~per_channel.undetermined).reshape(1, h, w).expand(c, h, w)
             rank, used = per_channel.rank * c, "gradient"
+            if per_channel.bounded:
+                used += "+bound"
             resid = (g @ per_channel.x - b_grad).square().sum()
             scale = b_grad.square().sum()
         else:
@@ -210,12 +217,16 @@ class Conv2dInverter(Inverter):
             normal = torch.kron(torch.eye(c, dtype=torch.float64), gram) + kk
             kt_target = torch.from_numpy(kmat.T @ target.numpy())
             rhs = rhs_grad.T.reshape(-1) + kt_target
-            solution = solve_spd(normal, rhs, rank_rtol=options.rank_rtol)
+            solution = solve_spd(normal, rhs, rank_rtol=options.rank_rtol, floor=input_floor)
             z = solution.x.reshape(c, h, w)
+            if solution.undetermined is not None:
+                determined = (~solution.undetermined).reshape(c, h, w)
             w_resid = torch.from_numpy(kmat @ z.reshape(-1).numpy()) - target
             resid = (g @ z.reshape(c, hw).T - b_grad).square().sum() + w_resid.square().sum()
             scale = b_grad.square().sum() + target.square().sum()
             rank, used = solution.rank, "gradient+weight"
+            if solution.bounded:
+                used += "+bound"
             equations += n_weight
 
         with torch.enable_grad():
@@ -234,7 +245,7 @@ class Conv2dInverter(Inverter):
             resolved_units=resolved,
             unresolved_units=unresolved,
         )
-        signal = Signal(value=z, known=torch.ones_like(z, dtype=torch.bool), grad=d_in[0])
+        signal = Signal(value=z, known=determined.clone(), grad=d_in[0])
         return signal, diag
 
 

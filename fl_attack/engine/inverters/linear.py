@@ -52,6 +52,8 @@ class LinearInverter(Inverter):
         output: Signal | None,
         input_shape: Shape,
         options: SolveOptions,
+        *,
+        input_floor: float | None = None,
     ) -> tuple[Signal, LayerDiagnostics]:
         assert isinstance(layer, nn.Linear)
         start = time.perf_counter()

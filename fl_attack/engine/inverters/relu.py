@@ -49,6 +49,9 @@ def zero_threshold(y: torch.Tensor, options: SolveOptions) -> float:
 class ReLUInverter(ActivationInverter):
     """``y = max(O, 0)``: derivative ``[y > tau]``; ``O = y`` only where active."""
 
+    def output_floor(self, layer: nn.Module) -> float | None:
+        return 0.0
+
     def backward(self, layer: nn.Module, y: torch.Tensor, options: SolveOptions) -> Backward:
         tau = zero_threshold(y, options)
         active = y > tau

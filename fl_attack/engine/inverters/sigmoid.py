@@ -16,6 +16,9 @@ __all__ = ["SigmoidInverter"]
 class SigmoidInverter(ActivationInverter):
     """``O = logit(y)`` where ``y (1 - y)`` is above the dtype's saturation level."""
 
+    def output_floor(self, layer: nn.Module) -> float | None:
+        return 0.0
+
     def backward(self, layer: nn.Module, y: torch.Tensor, options: SolveOptions) -> Backward:
         derivative = y * (1 - y)
         live = derivative > options.saturation

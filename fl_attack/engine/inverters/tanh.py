@@ -16,6 +16,9 @@ __all__ = ["TanhInverter"]
 class TanhInverter(ActivationInverter):
     """``O = atanh(y)`` where ``1 - y^2`` is above the dtype's saturation level."""
 
+    def output_floor(self, layer: nn.Module) -> float | None:
+        return -1.0
+
     def backward(self, layer: nn.Module, y: torch.Tensor, options: SolveOptions) -> Backward:
         derivative = 1 - y * y
         live = derivative > options.saturation
