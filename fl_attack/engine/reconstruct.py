@@ -263,9 +263,7 @@ def reconstruct(
                 for local, _ in layer.named_parameters(recurse=False)
             }
             below = inverter_for(chain[index - 1][1]) if index > 0 else None
-            floor = (
-                below.output_floor(chain[index - 1][1]) if below is not None else input_floor
-            )
+            floor = below.output_floor(chain[index - 1][1]) if below is not None else input_floor
             signal, diag = inverter.invert(
                 layer, name, own, signal, shapes[index], options, input_floor=floor
             )

@@ -119,7 +119,7 @@ def solve_spd(
     if rank == n:
         return SpdSolution(x=x, rank=rank, condition=float((evals[-1] / evals[0]) ** 0.5))
     if floor is not None and rank > 0:
-        return _bounded(evals[keep], kept, rhs, floor, rank)
+        return _bounded(evals, evecs, keep, rhs, floor, rank)
     # An unknown is still exact if the lost directions leave it (almost) untouched.
     leverage = evecs[:, ~keep].square().sum(dim=1)
     return SpdSolution(
@@ -128,33 +128,54 @@ def solve_spd(
 
 
 def _bounded(
-    evals: torch.Tensor, evecs: torch.Tensor, rhs: torch.Tensor, floor: float, rank: int
+    evals: torch.Tensor,
+    evecs: torch.Tensor,
+    keep: torch.Tensor,
+    rhs: torch.Tensor,
+    floor: float,
+    rank: int,
 ) -> SpdSolution:
     """Least squares with ``x >= floor`` (Lawson-Hanson) on the data-determined subspace.
 
     ``A`` is replaced by the equivalent ``diag(sqrt(lambda)) V^T`` (same normal matrix), so
-    the problem has ``rank`` rows whatever the original number of equations.
+    the problem has ``rank`` rows whatever the original number of equations. The solution
+    counts as unique only if no lost direction can move it while keeping every unknown that
+    sits on the bound at or above it (checked by a small linear program).
     """
     n = evecs.shape[0]
-    root = evals.sqrt()
-    a_red = (root.unsqueeze(1) * evecs.T).numpy()
+    kept, lost = evecs[:, keep], evecs[:, ~keep].numpy()
+    root = evals[keep].sqrt()
+    a_red = (root.unsqueeze(1) * kept.T).numpy()
     columns = rhs.reshape(n, -1)
     shift = a_red.sum(axis=1) * floor
     out = torch.empty_like(columns)
-    undetermined = torch.zeros(n, dtype=torch.bool)
+    unique = True
     for k in range(columns.shape[1]):
-        b_red = ((evecs.T @ columns[:, k]) / root).numpy() - shift
+        b_red = ((kept.T @ columns[:, k]) / root).numpy() - shift
         z, _ = optimize.nnls(a_red, b_red, maxiter=50 * n)
-        free = z > 0
-        # Unique iff the columns of the free unknowns are independent.
-        if np.linalg.matrix_rank(a_red[:, free]) < int(free.sum()):
-            undetermined |= torch.from_numpy(free)
         out[:, k] = torch.from_numpy(z + floor)
-    unique = not bool(undetermined.any())
+        unique = unique and _pinned(lost, z <= 0)
+    if unique:
+        return SpdSolution(x=out.reshape(rhs.shape), rank=n, condition=float("inf"), bounded=True)
+    leverage = torch.from_numpy((lost**2).sum(axis=1))
     return SpdSolution(
         x=out.reshape(rhs.shape),
-        rank=n if unique else rank,
+        rank=rank,
         condition=float("inf"),
-        undetermined=None if unique else undetermined,
-        bounded=True,
+        undetermined=leverage > _LEVERAGE_TOL,
     )
+
+
+def _pinned(lost: np.ndarray, on_bound: np.ndarray) -> bool:
+    """True if no combination of the lost directions keeps the on-bound unknowns >= 0."""
+    if not on_bound.any():
+        return False
+    cone = lost[on_bound]  # each row: how a lost direction moves one on-bound unknown
+    res = optimize.linprog(
+        -cone.sum(axis=0),
+        A_ub=-cone,
+        b_ub=np.zeros(cone.shape[0]),
+        bounds=[(-1.0, 1.0)] * lost.shape[1],
+        method="highs",
+    )
+    return bool(res.status == 0 and -res.fun <= 1e-9 * max(1.0, float(np.abs(cone).max())))

@@ -188,7 +188,12 @@ class Conv2dInverter(Inverter):
         # Fewer gradient rows than pixels cannot determine a channel: skip straight to both.
         determined = torch.ones(c, h, w, dtype=torch.bool)
         per_channel = (
-            solve_spd(gram, rhs_grad, rank_rtol=options.rank_rtol, floor=input_floor)
+            solve_spd(
+                gram,
+                rhs_grad,
+                rank_rtol=options.rank_rtol,
+                floor=input_floor if n_weight == 0 else None,
+            )
             if g.shape[0] >= hw or n_weight == 0
             else None
         )
