@@ -1,0 +1,618 @@
+"""Scenario configuration: one TOML file, parsed once into frozen dataclasses.
+
+A scenario file has six tables, ``[run]``, ``[data]``, ``[model]``, ``[client]``,
+``[server]`` and ``[attack]``, with kebab-case keys; each key becomes the snake_case
+field of the matching dataclass. Unknown tables or keys, missing keys, wrong types and
+out-of-range values raise :class:`ScenarioError`, naming the table, the key, the value
+received, the values allowed and the fix. The engine never imports this module.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from fl_attack.data import DATA_DIR_ENV, DATASETS, DataError, canonical_name, default_data_dir
+from fl_attack.models import ACTIVATIONS, ARCHITECTURES, Init
+
+__all__ = [
+    "RUN_CONFIG_KEYS",
+    "AttackConfig",
+    "ClientConfig",
+    "DataConfig",
+    "ModelConfig",
+    "Partitioning",
+    "RunConfig",
+    "ScenarioConfig",
+    "ScenarioError",
+    "ServerConfig",
+    "ThreatModel",
+    "from_run_config",
+    "load_scenario",
+]
+
+Scalar = bool | int | float | str
+
+
+class ScenarioError(ValueError):
+    """A scenario file, an override or a run config is invalid.
+
+    Attributes
+    ----------
+    table : str
+        The TOML table (``"data"``), or ``""`` when the problem is the file itself.
+    key : str
+        The key within the table, or ``""``.
+    """
+
+    def __init__(self, message: str, *, table: str = "", key: str = "") -> None:
+        super().__init__(message)
+        self.table = table
+        self.key = key
+
+
+class ThreatModel(StrEnum):
+    """What the malicious server may do.
+
+    ``honest-but-curious`` runs the protocol faithfully and only reads the updates.
+    A model-tampering server (planting weights before broadcasting) would be a new member.
+    """
+
+    HONEST_BUT_CURIOUS = "honest-but-curious"
+
+
+class Partitioning(StrEnum):
+    """How the training images are split between clients."""
+
+    IID = "iid"
+    DIRICHLET = "dirichlet"
+
+
+@dataclass(frozen=True, slots=True)
+class RunConfig:
+    """Run-wide settings (``[run]``).
+
+    Attributes
+    ----------
+    name : str
+        Name of the run; the leak log goes to ``out_dir / name``.
+    rounds : int
+        Number of federated rounds.
+    seed : int
+        Seeds the partitioning and the images each client draws per round.
+    out_dir : Path
+        Absolute folder holding one subfolder per run.
+    """
+
+    name: str
+    rounds: int
+    seed: int
+    out_dir: Path
+
+    @property
+    def run_dir(self) -> Path:
+        """The folder of this run's artefacts, ``out_dir / name``."""
+        return self.out_dir / self.name
+
+
+@dataclass(frozen=True, slots=True)
+class DataConfig:
+    """Which images the clients hold (``[data]``).
+
+    Attributes
+    ----------
+    dataset : str
+        Canonical dataset name (see :data:`fl_attack.data.DATASETS`).
+    data_dir : Path or None
+        Absolute folder with the npz subsets or a torchvision root; ``None`` for ``faces``.
+    num_clients : int
+        Number of clients (SuperNodes) ``fl-attack run`` starts, one partition each.
+    partitioning : Partitioning
+        ``iid`` (shuffled, equal shares) or ``dirichlet`` (label skew).
+    dirichlet_alpha : float
+        Concentration of the Dirichlet label skew; smaller is more skewed.
+    test_fraction : float
+        Fraction of the images, taken from the end, held out for the test accuracy.
+    limit : int or None
+        Load only the first ``limit`` images; ``None`` loads them all.
+    """
+
+    dataset: str
+    data_dir: Path | None
+    num_clients: int
+    partitioning: Partitioning
+    dirichlet_alpha: float
+    test_fraction: float
+    limit: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """The model every client trains (``[model]``).
+
+    Attributes
+    ----------
+    name : str
+        Architecture, one of :data:`fl_attack.models.ARCHITECTURES`.
+    activation : str
+        Activation filling the free slots, one of :data:`fl_attack.models.ACTIVATIONS`.
+    init : Init
+        ``uniform`` (the seed's U(-0.5, 0.5)) or ``default`` (PyTorch's).
+    seed : int
+        Seed of the initial weights.
+    """
+
+    name: str
+    activation: str
+    init: Init
+    seed: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    """Local training of an honest client (``[client]``).
+
+    Attributes
+    ----------
+    batch_size : int
+        Images per local step (the same batch for every step of a round).
+    local_steps : int
+        SGD steps per round.
+    lr : float
+        Learning rate the server sends with each train message.
+    """
+
+    batch_size: int
+    local_steps: int
+    lr: float
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Sampling of the FedAvg server (``[server]``).
+
+    Attributes
+    ----------
+    min_clients : int
+        Clients FedAvg waits for before a round (and samples at least); must not exceed
+        the SuperNodes of the federation or the server waits forever.
+    fraction_train : float
+        Fraction of the connected clients sampled for training each round.
+    """
+
+    min_clients: int
+    fraction_train: float
+
+
+@dataclass(frozen=True, slots=True)
+class AttackConfig:
+    """The malicious server (``[attack]``).
+
+    Attributes
+    ----------
+    enabled : bool
+        Wrap FedAvg in :class:`server.malicious.MaliciousServer`.
+    threat_model : ThreatModel
+        What the server may do.
+    """
+
+    enabled: bool
+    threat_model: ThreatModel
+
+
+@dataclass(frozen=True, slots=True)
+class ScenarioConfig:
+    """A whole scenario, parsed once.
+
+    Attributes
+    ----------
+    run, data, model, client, server, attack
+        One sub-config per TOML table.
+    source : Path or None
+        The scenario file it was read from.
+    """
+
+    run: RunConfig
+    data: DataConfig
+    model: ModelConfig
+    client: ClientConfig
+    server: ServerConfig
+    attack: AttackConfig
+    source: Path | None = None
+
+
+# ---------------------------------------------------------------- schema
+
+_MISSING = object()
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    """One key of the schema: its type, the allowed values and the fix for a bad value."""
+
+    kind: type
+    allowed: str
+    check: Callable[[Any], bool] = lambda _: True
+    default: Any = _MISSING
+    fix: str = ""
+
+
+def _positive_int(value: int) -> bool:
+    return value >= 1
+
+
+def _fraction(value: float) -> bool:
+    return math.isfinite(value) and 0.0 <= value < 1.0
+
+
+def _probability(value: float) -> bool:
+    return math.isfinite(value) and 0.0 < value <= 1.0
+
+
+def _positive_float(value: float) -> bool:
+    return math.isfinite(value) and value > 0.0
+
+
+def _name(value: str) -> bool:
+    return bool(value) and value not in (".", "..") and "/" not in value and "\\" not in value
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str], bool]:
+    return lambda value: value in options
+
+
+def _dataset(value: str) -> bool:
+    try:
+        canonical_name(value)
+    except DataError:
+        return False
+    return True
+
+
+_SCHEMA: dict[str, dict[str, _Key]] = {
+    "run": {
+        "name": _Key(str, "a non-empty folder name without '/'", _name),
+        "rounds": _Key(int, "an int >= 1", _positive_int),
+        "seed": _Key(int, "an int >= 0", lambda v: v >= 0),
+        "out-dir": _Key(str, "a folder path (relative paths start at the working directory)"),
+    },
+    "data": {
+        "dataset": _Key(str, f"one of {', '.join(DATASETS)} (case-insensitive)", _dataset),
+        "data-dir": _Key(
+            str,
+            "a folder path (relative paths start at the working directory)",
+            default=None,
+        ),
+        "num-clients": _Key(int, "an int >= 1", _positive_int),
+        "partitioning": _Key(
+            str, f"one of {', '.join(p.value for p in Partitioning)}", _choice(tuple(Partitioning))
+        ),
+        "dirichlet-alpha": _Key(float, "a float > 0", _positive_float, default=0.5),
+        "test-fraction": _Key(float, "a float in [0, 1)", _fraction),
+        "limit": _Key(int, "an int >= 1 (omit the key to load every image)", _positive_int, None),
+    },
+    "model": {
+        "name": _Key(str, f"one of {', '.join(ARCHITECTURES)}", _choice(tuple(ARCHITECTURES))),
+        "activation": _Key(str, f"one of {', '.join(ACTIVATIONS)}", _choice(tuple(ACTIVATIONS))),
+        "init": _Key(str, f"one of {', '.join(i.value for i in Init)}", _choice(tuple(Init))),
+        "seed": _Key(int, "an int >= 0", lambda v: v >= 0),
+    },
+    "client": {
+        "batch-size": _Key(int, "an int >= 1", _positive_int),
+        "local-steps": _Key(int, "an int >= 1", _positive_int),
+        "lr": _Key(float, "a float > 0", _positive_float),
+    },
+    "server": {
+        "min-clients": _Key(
+            int,
+            "an int >= 1",
+            _positive_int,
+            fix="keep it at most the number of SuperNodes, or the server waits forever",
+        ),
+        "fraction-train": _Key(float, "a float in (0, 1]", _probability),
+    },
+    "attack": {
+        "enabled": _Key(bool, "true or false"),
+        "threat-model": _Key(
+            str, f"one of {', '.join(t.value for t in ThreatModel)}", _choice(tuple(ThreatModel))
+        ),
+    },
+}
+
+OVERRIDE_KEYS: tuple[str, ...] = tuple(f"{t}.{k}" for t, keys in _SCHEMA.items() for k in keys)
+"""Every key an override may set, as ``table.key``."""
+
+RUN_CONFIG_KEYS: dict[str, str] = {
+    "num-server-rounds": "run.rounds",
+    "run-name": "run.name",
+    "out-dir": "run.out-dir",
+    "data-dir": "data.data-dir",
+}
+"""Flat Flower run-config keys and the scenario key each overrides (``0``/``""`` = unset)."""
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def load_scenario(
+    path: str | Path, overrides: Mapping[str, Scalar] | None = None
+) -> ScenarioConfig:
+    """Read a scenario TOML file and apply overrides.
+
+    Parameters
+    ----------
+    path : str or Path
+        The scenario file.
+    overrides : Mapping[str, bool | int | float | str], optional
+        Values replacing the file's, keyed ``"table.key"`` (e.g. ``{"run.rounds": 2}``);
+        they are checked like the file's own values.
+
+    Returns
+    -------
+    ScenarioConfig
+        The parsed scenario; relative paths are made absolute against the working
+        directory, and an unset ``[data] data-dir`` becomes the default data folder.
+
+    Raises
+    ------
+    ScenarioError
+        If the file is missing or not TOML, a table or key is unknown or missing, a
+        value has the wrong type or is out of range, or the data folder does not exist.
+
+    Examples
+    --------
+    >>> cfg = load_scenario("scenarios/default.toml", {"run.rounds": 1})  # doctest: +SKIP
+    >>> cfg.run.rounds  # doctest: +SKIP
+    1
+    """
+    source = Path(path).expanduser()
+    where = f"scenario {str(source)!r}"
+    if not source.is_file():
+        raise ScenarioError(
+            f"{where}: no such file; pass the path of a scenario TOML file, e.g. "
+            "scenarios/default.toml"
+        )
+    try:
+        raw = tomllib.loads(source.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ScenarioError(f"{where}: not valid TOML ({exc}); fix the syntax") from None
+    return _parse(raw, where, dict(overrides or {}), source.resolve())
+
+
+def from_run_config(run_config: Mapping[str, Scalar], *, app_dir: Path) -> ScenarioConfig:
+    """Build the scenario from a Flower run config (``flwr run . --run-config ...``).
+
+    Parameters
+    ----------
+    run_config : Mapping[str, bool | int | float | str]
+        ``context.run_config``: ``scenario`` (a path relative to ``app_dir``), the flat
+        overrides of :data:`RUN_CONFIG_KEYS` (``num-server-rounds = 0`` and ``""`` leave
+        the scenario's value), and any ``table.key`` override declared in
+        ``[tool.flwr.app.config]``.
+    app_dir : Path
+        The Flower app's folder (where ``pyproject.toml`` or the unpacked FAB lives).
+
+    Returns
+    -------
+    ScenarioConfig
+        The same object :func:`load_scenario` gives for the file and the overrides.
+
+    Raises
+    ------
+    ScenarioError
+        If ``scenario`` is missing, a key is unknown, or the scenario is invalid.
+    """
+    where = "run config ([tool.flwr.app.config] / --run-config)"
+    if "scenario" not in run_config:
+        raise ScenarioError(
+            f"{where}: missing key 'scenario'; fix: set scenario = \"scenarios/default.toml\" "
+            "in [tool.flwr.app.config]",
+            key="scenario",
+        )
+    scenario = run_config["scenario"]
+    if not isinstance(scenario, str) or not scenario:
+        raise ScenarioError(
+            f"{where}: scenario = {scenario!r} is invalid: expected the path of a scenario "
+            "TOML file relative to the app folder",
+            key="scenario",
+        )
+    overrides: dict[str, Scalar] = {}
+    for key, value in run_config.items():
+        if key == "scenario":
+            continue
+        if key in RUN_CONFIG_KEYS:
+            if value in (0, "") and not isinstance(value, bool):
+                continue  # unset: keep the scenario's value
+            overrides[RUN_CONFIG_KEYS[key]] = value
+        elif key in OVERRIDE_KEYS:
+            overrides[key] = value
+        else:
+            allowed = ", ".join(["scenario", *RUN_CONFIG_KEYS, "<table>.<key>"])
+            raise ScenarioError(
+                f"{where}: unknown key {key!r} (value {value!r}); allowed: {allowed}; "
+                "fix: remove it or correct its spelling",
+                key=key,
+            )
+    path = Path(scenario)
+    if not path.is_absolute():
+        path = app_dir / path
+    return load_scenario(path, overrides)
+
+
+def _parse(
+    raw: dict[str, Any], where: str, overrides: dict[str, Scalar], source: Path
+) -> ScenarioConfig:
+    """Check tables and keys, apply overrides, validate values and build the dataclasses."""
+    for table, content in raw.items():
+        if table not in _SCHEMA:
+            raise ScenarioError(
+                f"{where}: unknown table [{table}]; allowed tables: "
+                f"{', '.join(f'[{t}]' for t in _SCHEMA)}; fix: remove it or correct its spelling",
+                table=table,
+            )
+        if not isinstance(content, dict):
+            raise ScenarioError(
+                f"{where}: {table} = {content!r} must be a table [{table}]", table=table
+            )
+        for key, value in content.items():
+            if key not in _SCHEMA[table]:
+                raise ScenarioError(
+                    f"{where}: unknown key [{table}] {key} (value {value!r}); allowed keys in "
+                    f"[{table}]: {', '.join(_SCHEMA[table])}; fix: remove it or correct its "
+                    "spelling",
+                    table=table,
+                    key=key,
+                )
+    merged = {table: dict(raw.get(table, {})) for table in _SCHEMA}
+    origin: dict[tuple[str, str], str] = {}
+    for dotted, value in overrides.items():
+        table, _, key = dotted.partition(".")
+        if dotted not in OVERRIDE_KEYS:
+            raise ScenarioError(
+                f"{where}: unknown override {dotted!r} (value {value!r}); allowed: "
+                f"{', '.join(OVERRIDE_KEYS)}",
+                table=table,
+                key=key,
+            )
+        merged[table][key] = str(value) if isinstance(value, Path) else value
+        origin[(table, key)] = "override "
+
+    values: dict[str, dict[str, Any]] = {}
+    for table, keys in _SCHEMA.items():
+        if table not in raw and not any(t == table for t, _ in origin):
+            raise ScenarioError(
+                f"{where}: missing table [{table}] (keys {', '.join(keys)}); fix: add it, "
+                "as in scenarios/default.toml",
+                table=table,
+            )
+        values[table] = {
+            key: _value(merged[table], table, key, spec, where + " " + origin.get((table, key), ""))
+            for key, spec in keys.items()
+        }
+    return _build(values, where, source)
+
+
+def _value(content: dict[str, Any], table: str, key: str, spec: _Key, where: str) -> Any:
+    """One checked value, or the default for an optional key that is absent."""
+    where = where.rstrip()
+    if key not in content:
+        if spec.default is not _MISSING:
+            return spec.default
+        raise ScenarioError(
+            f"{where}: missing key [{table}] {key}; expected {spec.allowed}; fix: add "
+            f"`{key} = ...` to [{table}]",
+            table=table,
+            key=key,
+        )
+    value = content[key]
+    ok_type = (
+        isinstance(value, bool)
+        if spec.kind is bool
+        else isinstance(value, spec.kind) and not isinstance(value, bool)
+    )
+    if spec.kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok_type = float(value), True
+    if not ok_type or not spec.check(value):
+        fix = f"; {spec.fix}" if spec.fix else ""
+        raise ScenarioError(
+            f"{where}: [{table}] {key} = {value!r} is invalid: expected {spec.allowed}{fix}",
+            table=table,
+            key=key,
+        )
+    return value
+
+
+def _absolute(path: str) -> Path:
+    """A path made absolute against the working directory (``~`` expanded)."""
+    out = Path(path).expanduser()
+    return out if out.is_absolute() else Path.cwd() / out
+
+
+def _data_dir(dataset: str, given: str | None, where: str) -> Path | None:
+    """The checked data folder of a dataset; ``None`` for the embedded ``faces``."""
+    if dataset == "faces":
+        return None
+    if given is not None:
+        folder = _absolute(given)
+        if not folder.is_dir():
+            raise ScenarioError(
+                f"{where}: [data] data-dir = {given!r} is invalid: {str(folder)!r} is not a "
+                f"folder; fix: point it (or --data-dir) at the folder holding the {dataset} "
+                "npz subset or a torchvision root",
+                table="data",
+                key="data-dir",
+            )
+        return folder
+    folder = default_data_dir()
+    if folder is None or not folder.is_dir():
+        reason = (
+            f"${DATA_DIR_ENV} = {os.environ.get(DATA_DIR_ENV)!r} is not a folder"
+            if folder is not None
+            else f"${DATA_DIR_ENV} is unset and no shared/datasets folder sits beside the repo"
+        )
+        raise ScenarioError(
+            f"{where}: [data] data-dir is unset and {reason}; fix: set [data] data-dir, pass "
+            f"--data-dir, or set ${DATA_DIR_ENV} to the folder holding the {dataset} data",
+            table="data",
+            key="data-dir",
+        )
+    return folder
+
+
+def _build(values: dict[str, dict[str, Any]], where: str, source: Path) -> ScenarioConfig:
+    """Turn checked raw values into the dataclasses, with cross-key checks."""
+    run, data, model, client, server, attack = (
+        values[t] for t in ("run", "data", "model", "client", "server", "attack")
+    )
+    dataset = canonical_name(data["dataset"])
+    if server["min-clients"] > data["num-clients"]:
+        raise ScenarioError(
+            f"{where}: [server] min-clients = {server['min-clients']} is invalid: it exceeds "
+            f"[data] num-clients = {data['num-clients']}, so the server would wait forever; "
+            "fix: lower min-clients or raise num-clients",
+            table="server",
+            key="min-clients",
+        )
+    return ScenarioConfig(
+        run=RunConfig(
+            name=run["name"],
+            rounds=run["rounds"],
+            seed=run["seed"],
+            out_dir=_absolute(run["out-dir"]),
+        ),
+        data=DataConfig(
+            dataset=dataset,
+            data_dir=_data_dir(dataset, data["data-dir"], where),
+            num_clients=data["num-clients"],
+            partitioning=Partitioning(data["partitioning"]),
+            dirichlet_alpha=data["dirichlet-alpha"],
+            test_fraction=data["test-fraction"],
+            limit=data["limit"],
+        ),
+        model=ModelConfig(
+            name=model["name"],
+            activation=model["activation"],
+            init=Init(model["init"]),
+            seed=model["seed"],
+        ),
+        client=ClientConfig(
+            batch_size=client["batch-size"],
+            local_steps=client["local-steps"],
+            lr=client["lr"],
+        ),
+        server=ServerConfig(
+            min_clients=server["min-clients"],
+            fraction_train=server["fraction-train"],
+        ),
+        attack=AttackConfig(
+            enabled=attack["enabled"],
+            threat_model=ThreatModel(attack["threat-model"]),
+        ),
+        source=source,
+    )
