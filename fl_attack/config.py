@@ -22,6 +22,7 @@ from fl_attack.data import DATA_DIR_ENV, DATASETS, DataError, canonical_name, de
 from fl_attack.models import ACTIVATIONS, ARCHITECTURES, Init
 
 __all__ = [
+    "OVERRIDE_KEYS",
     "RUN_CONFIG_KEYS",
     "AttackConfig",
     "ClientConfig",
@@ -481,7 +482,7 @@ def _parse(
                 key=key,
             )
         merged[table][key] = str(value) if isinstance(value, Path) else value
-        origin[(table, key)] = "override "
+        origin[(table, key)] = f"{where} (override {dotted})"
 
     values: dict[str, dict[str, Any]] = {}
     for table, keys in _SCHEMA.items():
@@ -492,7 +493,7 @@ def _parse(
                 table=table,
             )
         values[table] = {
-            key: _value(merged[table], table, key, spec, where + " " + origin.get((table, key), ""))
+            key: _value(merged[table], table, key, spec, origin.get((table, key), where))
             for key, spec in keys.items()
         }
     return _build(values, where, source)
@@ -500,7 +501,6 @@ def _parse(
 
 def _value(content: dict[str, Any], table: str, key: str, spec: _Key, where: str) -> Any:
     """One checked value, or the default for an optional key that is absent."""
-    where = where.rstrip()
     if key not in content:
         if spec.default is not _MISSING:
             return spec.default

@@ -111,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
     console.print(diagnostics_table(result))
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
+    for note in result.notes:
+        console.print(f"note: {note}")
     if result.exact:
         console.print("[green]every layer fully determined[/]")
     console.print(f"picture: {png}\nresult:  {js}")

@@ -19,6 +19,9 @@ from fl_attack.engine.types import (
     UnsupportedLayerError,
 )
 
+# Relative residual above which a layer's constraints visibly disagree.
+_RESIDUAL_WARNING = 1e-2
+
 __all__ = ["check", "layer_chain", "reconstruct", "single_sample_gradients", "validate"]
 
 Gradients = Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
@@ -271,38 +274,56 @@ def reconstruct(
     assert signal is not None
     last_bias = named[prefix[chain[-1][0]] + "bias"]
     label = int(last_bias.argmin())
-    warnings = _warnings(diagnostics, int((last_bias < 0).sum()))
+    warnings, notes = _findings(diagnostics, last_bias)
     return Reconstruction(
         image=signal.value.reshape(shape),
         label=label,
         layers=tuple(diagnostics),
         seconds=time.perf_counter() - start,
         warnings=tuple(warnings),
+        notes=tuple(notes),
     )
 
 
-def _warnings(diagnostics: list[LayerDiagnostics], negatives: int) -> list[str]:
-    """Human-readable reasons a reconstruction may be inexact."""
-    out: list[str] = []
-    if negatives != 1:
-        out.append(
-            f"label: {negatives} negative bias-gradient entries (a single cross-entropy sample "
+def _findings(
+    diagnostics: list[LayerDiagnostics], bias_grad: torch.Tensor
+) -> tuple[list[str], list[str]]:
+    """Warnings (the image may be wrong) and notes (information lost, input still fixed)."""
+    warnings: list[str] = []
+    notes: list[str] = []
+    # One cross-entropy sample: only the true class has p - 1 <= 0 (0 once float32 rounds
+    # p = 1); every other entry is p > 0 or, rounded, 0 too.
+    non_positive = int((bias_grad <= 0).sum())
+    negative = int((bias_grad < 0).sum())
+    if negative != 1 and not (negative == 0 and non_positive == 1):
+        warnings.append(
+            f"label: {negative} negative bias-gradient entries (a single cross-entropy sample "
             "has exactly one): the label guess is unreliable"
         )
     for d in diagnostics:
         if d.rank_deficient:
-            out.append(
+            warnings.append(
                 f"{d.name} ({d.kind}): rank {d.rank} < {d.unknowns} unknowns: "
                 f"{d.unknowns - d.rank} directions of its input are lost"
             )
-        if d.saturated_units:
-            out.append(
-                f"{d.name} ({d.kind}): {d.saturated_units} saturated units "
-                "(derivative and pre-activation lost at this precision)"
-            )
-        if d.relative_residual > 1e-2 and d.unknowns:
-            out.append(
+        if d.relative_residual > _RESIDUAL_WARNING and d.unknowns:
+            warnings.append(
                 f"{d.name} ({d.kind}): relative residual {d.relative_residual:.2g}: the "
                 "constraints disagree (noise, or not a single-sample gradient)"
             )
-    return out
+        if d.unresolved_units:
+            notes.append(
+                f"{d.name} ({d.kind}): {d.unresolved_units} close-call activations above it "
+                "were too many to settle by its bias gradient and kept their threshold call"
+            )
+        if d.saturated_units:
+            notes.append(
+                f"{d.name} ({d.kind}): {d.saturated_units} saturated units (derivative and "
+                "pre-activation lost at this precision)"
+            )
+        if "bound" in d.constraints:
+            notes.append(
+                f"{d.name} ({d.kind}): equations alone left directions open; the zeros of "
+                "the activation below pinned them (bounded least squares)"
+            )
+    return warnings, notes

@@ -168,8 +168,11 @@ class Reconstruction:
     seconds : float
         Total wall time.
     warnings : tuple[str, ...]
-        Reasons the result may not be exact (rank loss, saturation, residuals). Empty
-        when every layer was fully determined.
+        Reasons the image may be wrong: rank loss, residuals, close calls left unsettled,
+        an unreliable label. Empty when every layer was fully determined.
+    notes : tuple[str, ...]
+        Information lost without leaving the input open (saturated units, directions
+        pinned by activation zeros).
     """
 
     image: torch.Tensor
@@ -177,6 +180,7 @@ class Reconstruction:
     layers: tuple[LayerDiagnostics, ...]
     seconds: float
     warnings: tuple[str, ...] = field(default=())
+    notes: tuple[str, ...] = field(default=())
 
     @property
     def exact(self) -> bool:

@@ -19,6 +19,7 @@ def reconstruction_record(result: Reconstruction) -> dict[str, Any]:
         "seconds": result.seconds,
         "exact": result.exact,
         "warnings": list(result.warnings),
+        "notes": list(result.notes),
         "layers": [asdict(d) for d in result.layers],
     }
 

@@ -21,8 +21,18 @@ def test_reference_example_recovers_image_92(
 ) -> None:
     # Prepare / Execute
     code, out, _ = _run(
-        capsys, "reconstruct", "-d", "CIFAR100", "-i", "92", "-a", "ReLU",
-        "--data-dir", str(shared_datasets), "--out", str(tmp_path),
+        capsys,
+        "reconstruct",
+        "-d",
+        "CIFAR100",
+        "-i",
+        "92",
+        "-a",
+        "ReLU",
+        "--data-dir",
+        str(shared_datasets),
+        "--out",
+        str(tmp_path),
     )
     # Assert
     assert code == 0
@@ -36,8 +46,16 @@ def test_reference_example_recovers_image_92(
 
 def test_faces_needs_no_data_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, _ = _run(
-        capsys, "reconstruct", "-d", "faces", "-i", "3", "--dtype", "float64",
-        "--out", str(tmp_path),
+        capsys,
+        "reconstruct",
+        "-d",
+        "faces",
+        "-i",
+        "3",
+        "--dtype",
+        "float64",
+        "--out",
+        str(tmp_path),
     )
     assert code == 0
     assert json.loads((tmp_path / "result.json").read_text())["psnr"] >= 100.0
@@ -71,8 +89,18 @@ def test_a_gradient_without_information_is_an_error_not_a_picture(
     # o-cnn6 at seed 50 classifies CIFAR-10 image 0 with a margin so large that its float32
     # cross-entropy gradient is exactly zero: nothing leaks, and the CLI says so.
     code, _, err = _run(
-        capsys, "reconstruct", "-d", "CIFAR10", "-i", "0", "--model", "o-cnn6",
-        "--data-dir", str(shared_datasets), "--out", str(tmp_path),
+        capsys,
+        "reconstruct",
+        "-d",
+        "CIFAR10",
+        "-i",
+        "0",
+        "--model",
+        "o-cnn6",
+        "--data-dir",
+        str(shared_datasets),
+        "--out",
+        str(tmp_path),
     )
     assert code == 2
     assert "bias gradient is all zero" in err
