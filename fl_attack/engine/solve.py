@@ -14,6 +14,8 @@ __all__ = ["SpdSolution", "solve_spd"]
 _POWER_STEPS = 8
 # Squared weight of the lost directions on an unknown above which it counts as undetermined.
 _LEVERAGE_TOL = 1e-10
+# Largest system the bounded solve takes on (Lawson-Hanson is cubic in the worst case).
+_MAX_BOUNDED = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +120,7 @@ def solve_spd(
     x = (kept @ coef).reshape(rhs.shape)
     if rank == n:
         return SpdSolution(x=x, rank=rank, condition=float((evals[-1] / evals[0]) ** 0.5))
-    if floor is not None and rank > 0:
+    if floor is not None and 0 < rank and n <= _MAX_BOUNDED:
         return _bounded(evals, evecs, keep, rhs, floor, rank)
     # An unknown is still exact if the lost directions leave it (almost) untouched.
     leverage = evecs[:, ~keep].square().sum(dim=1)
@@ -152,7 +154,10 @@ def _bounded(
     unique = True
     for k in range(columns.shape[1]):
         b_red = ((kept.T @ columns[:, k]) / root).numpy() - shift
-        z, _ = optimize.nnls(a_red, b_red, maxiter=50 * n)
+        try:
+            z, _ = optimize.nnls(a_red, b_red, maxiter=3 * n)
+        except RuntimeError:  # no convergence within the iteration cap: leave it open
+            z, unique = columns.new_zeros(n).numpy(), False
         out[:, k] = torch.from_numpy(z + floor)
         unique = unique and _pinned(lost, z <= 0)
     if unique:

@@ -57,8 +57,9 @@ def conv_geometry(
     if isinstance(layer.padding, str) and layer.padding == "same":
         ho, wo = h, w
     else:
-        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        # An input smaller than the kernel gives an empty output (reported by problems()).
+        ho = max((h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, 0)
+        wo = max((w + 2 * pw - dw * (kw - 1) - 1) // sw + 1, 0)
     f = torch.arange(f_out).view(-1, 1, 1, 1, 1)
     i = torch.arange(kh).view(1, -1, 1, 1, 1)
     j = torch.arange(kw).view(1, 1, -1, 1, 1)

@@ -1,0 +1,306 @@
+"""The malicious server: a strategy wrapper that inverts every client's update.
+
+``MaliciousServer`` takes a Flower strategy and delegates everything to it. It only
+remembers the global arrays it broadcasts (``configure_train``) and, in
+``aggregate_train``, turns each reply into the client's gradient, runs the R-CONV engine
+on it and hands the leak to a :class:`LeakSink`, before passing the very same replies,
+untouched, to the wrapped strategy. The aggregate is therefore the plain strategy's.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Iterable, Mapping
+from logging import INFO, WARNING
+from typing import Protocol
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from torch import nn
+
+from fl_attack.config import ThreatModel
+from fl_attack.engine import EngineError, Reconstruction, SolveOptions, reconstruct, validate
+
+__all__ = ["GradientError", "LeakSink", "MaliciousServer", "derive_gradients"]
+
+
+class GradientError(ValueError):
+    """A reply's arrays do not fit the broadcast model, so no gradient can be derived."""
+
+
+class LeakSink(Protocol):
+    """Where the attack hands what it recovered; the evaluator implements it."""
+
+    def begin_round(self, server_round: int, num_replies: int) -> None:
+        """A round's replies are about to be attacked."""
+
+    def record_leak(self, server_round: int, node_id: int, result: Reconstruction) -> None:
+        """One client's update was inverted."""
+
+    def record_failure(self, server_round: int, node_id: int, reason: str) -> None:
+        """One client's update could not be inverted (or the client failed)."""
+
+    def end_round(self, server_round: int) -> None:
+        """Every reply of the round has been handled."""
+
+
+def derive_gradients(
+    global_arrays: Mapping[str, np.ndarray],
+    update_arrays: Mapping[str, np.ndarray],
+    lr: float,
+    names: Iterable[str],
+) -> dict[str, torch.Tensor]:
+    """The gradient a single-step SGD client took: ``(global - update) / lr``.
+
+    Parameters
+    ----------
+    global_arrays : Mapping[str, np.ndarray]
+        The arrays broadcast to the client.
+    update_arrays : Mapping[str, np.ndarray]
+        The arrays the client sent back.
+    lr : float
+        The learning rate the client used (> 0).
+    names : Iterable[str]
+        The parameters to derive (the model's ``named_parameters()`` names).
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        float64 gradients. The difference is taken in float64 from the clients' float32
+        values, so it is exact: the only error left is the client's own rounding of
+        ``w - lr * g`` to float32, ``ulp(w) / (2 lr)`` per entry.
+
+    Raises
+    ------
+    GradientError
+        If a parameter is missing from either side or the shapes differ.
+    """
+    grads: dict[str, torch.Tensor] = {}
+    for name in names:
+        if name not in global_arrays or name not in update_arrays:
+            side = "the broadcast arrays" if name not in global_arrays else "the reply"
+            raise GradientError(f"parameter {name!r} is missing from {side}")
+        before = np.asarray(global_arrays[name])
+        after = np.asarray(update_arrays[name])
+        if before.shape != after.shape:
+            raise GradientError(
+                f"parameter {name!r} has shape {after.shape} in the reply but {before.shape} "
+                "in the broadcast model"
+            )
+        diff = before.astype(np.float64) - after.astype(np.float64)
+        grads[name] = torch.from_numpy(diff / lr)
+    return grads
+
+
+class MaliciousServer(Strategy):
+    """A server that runs ``strategy`` faithfully and inverts every update on the side.
+
+    Parameters
+    ----------
+    strategy : Strategy
+        The strategy to wrap (e.g. ``FedAvg``); it does all the aggregation.
+    model : nn.Module
+        The architecture the clients train; its weights are replaced by the broadcast
+        arrays each round (a private copy is kept).
+    input_shape : tuple of int
+        One client image's shape, ``(C, H, W)``.
+    lr : float
+        Learning rate sent to the clients (written into each train config as ``lr``).
+    sink : LeakSink, optional
+        Receives every leak and failure; ``None`` only logs them.
+    threat_model : ThreatModel
+        What the server may do; only ``honest-but-curious`` (read the updates, change
+        nothing) exists so far.
+
+    Raises
+    ------
+    TypeError
+        If ``strategy`` is not a Flower ``Strategy`` or ``model`` not an ``nn.Module``.
+    ValueError
+        If ``lr`` is not a positive finite number or ``input_shape`` is not positive.
+    fl_attack.engine.UnsupportedLayerError
+        If R-CONV cannot invert ``model`` (every offending layer is named).
+
+    Notes
+    -----
+    A client whose update cannot be inverted (saturated loss, rank loss, a client error)
+    is recorded as a failure and the round goes on. The replies handed to ``strategy``
+    are the same objects, in the same order, unmodified.
+
+    References
+    ----------
+    .. [1] T. Eltaras et al., "R-CONV: An Analytical Approach for Efficient Data
+       Reconstruction via Convolutional Gradients", WISE 2024, arXiv:2406.04227.
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        *,
+        model: nn.Module,
+        input_shape: tuple[int, ...],
+        lr: float,
+        sink: LeakSink | None = None,
+        threat_model: ThreatModel = ThreatModel.HONEST_BUT_CURIOUS,
+    ) -> None:
+        super().__init__()
+        if not isinstance(strategy, Strategy):
+            raise TypeError(
+                f"MaliciousServer: strategy must be a flwr Strategy, got "
+                f"{type(strategy).__name__}; wrap e.g. FedAvg()"
+            )
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"MaliciousServer: model must be an nn.Module, got {type(model)}")
+        if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr):
+            raise ValueError(f"MaliciousServer: lr must be a finite number > 0, got {lr!r}")
+        if lr <= 0:
+            raise ValueError(f"MaliciousServer: lr must be > 0, got {lr!r}; set [client] lr")
+        shape = tuple(int(s) for s in input_shape)
+        if not shape or min(shape) < 1:
+            raise ValueError(f"MaliciousServer: input_shape must be positive, got {input_shape}")
+        try:
+            threat = ThreatModel(threat_model)
+        except ValueError:
+            allowed = ", ".join(t.value for t in ThreatModel)
+            raise ValueError(
+                f"MaliciousServer: unknown threat_model {threat_model!r}; choose one of {allowed}"
+            ) from None
+        validate(model, shape)
+        self.strategy = strategy
+        self.threat_model = threat
+        self.lr = float(lr)
+        self.input_shape = shape
+        self.sink = sink
+        self._model = copy.deepcopy(model).to(torch.float32)
+        self._names = tuple(name for name, _ in self._model.named_parameters())
+        self._broadcast: dict[int, dict[str, np.ndarray]] = {}
+
+    def __repr__(self) -> str:
+        """Name the wrapper, its threat model and the wrapped strategy."""
+        return (
+            f"MaliciousServer(threat_model={self.threat_model.value!r}, lr={self.lr}, "
+            f"strategy={type(self.strategy).__name__})"
+        )
+
+    def summary(self) -> None:
+        """Log the attack settings, then the wrapped strategy's summary."""
+        log(INFO, "\t├──> Malicious server (R-CONV):")
+        log(INFO, "\t│\t├── Threat model: %s", self.threat_model.value)
+        log(INFO, "\t│\t└── Client learning rate: %s", self.lr)
+        self.strategy.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Remember the broadcast arrays, put ``lr`` in the config, then delegate."""
+        sent = config.get("lr")
+        if sent is not None and sent != self.lr:
+            log(
+                WARNING,
+                "MaliciousServer.configure_train: round %s: config lr %s replaced by %s",
+                server_round,
+                sent,
+                self.lr,
+            )
+        config["lr"] = self.lr
+        self._broadcast[server_round] = {
+            name: np.array(arrays[name].numpy(), copy=True) for name in arrays if name in self._names
+        }
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Invert every reply, record the leaks, then aggregate the untouched replies."""
+        replies = list(replies)
+        broadcast = self._broadcast.pop(server_round, None)
+        if broadcast is None:
+            log(
+                WARNING,
+                "MaliciousServer.aggregate_train: round %s was not configured through this "
+                "wrapper; no broadcast arrays to compare with, the round is not attacked",
+                server_round,
+            )
+        else:
+            self._attack_round(server_round, replies, broadcast)
+        return self.strategy.aggregate_train(server_round, replies)
+
+    def _attack_round(
+        self, server_round: int, replies: list[Message], broadcast: dict[str, np.ndarray]
+    ) -> None:
+        """Invert each reply of one round and hand results to the sink."""
+        start = time.perf_counter()
+        with torch.no_grad():
+            for name, param in self._model.named_parameters():
+                if name in broadcast:
+                    param.copy_(torch.from_numpy(broadcast[name]))
+        if self.sink is not None:
+            self.sink.begin_round(server_round, len(replies))
+        leaked = 0
+        for reply in replies:
+            node_id = int(reply.metadata.src_node_id)
+            if reply.has_error():
+                reason = f"client error: {reply.error.reason}"
+                log(
+                    WARNING,
+                    "MaliciousServer.aggregate_train: round %s, node %s: %s",
+                    server_round,
+                    node_id,
+                    reason,
+                )
+                if self.sink is not None:
+                    self.sink.record_failure(server_round, node_id, reason)
+                continue
+            try:
+                result = self._invert(reply, broadcast)
+            except (EngineError, GradientError) as exc:
+                log(
+                    WARNING,
+                    "MaliciousServer.aggregate_train: round %s, node %s: reconstruction "
+                    "failed: %s",
+                    server_round,
+                    node_id,
+                    exc,
+                )
+                if self.sink is not None:
+                    self.sink.record_failure(server_round, node_id, f"{type(exc).__name__}: {exc}")
+                continue
+            leaked += 1
+            if self.sink is not None:
+                self.sink.record_leak(server_round, node_id, result)
+        if self.sink is not None:
+            self.sink.end_round(server_round)
+        log(
+            INFO,
+            "MaliciousServer.aggregate_train: round %s: inverted %s of %s updates in %.1fs",
+            server_round,
+            leaked,
+            len(replies),
+            time.perf_counter() - start,
+        )
+
+    def _invert(self, reply: Message, broadcast: dict[str, np.ndarray]) -> Reconstruction:
+        """Derive one reply's gradient and run the engine on it."""
+        records = reply.content.array_records
+        if len(records) != 1:
+            raise GradientError(
+                f"expected one ArrayRecord in the reply, found {len(records)} "
+                f"({', '.join(records) or 'none'})"
+            )
+        record = next(iter(records.values()))
+        update = {name: record[name].numpy() for name in record if name in self._names}
+        dtypes = {np.dtype(a.dtype) for a in update.values()}
+        if not dtypes or any(d.kind != "f" for d in dtypes):
+            raise GradientError(f"the reply's arrays are not floating point ({dtypes})")
+        client_dtype = min(dtypes, key=lambda d: d.itemsize)
+        grads = derive_gradients(broadcast, update, self.lr, self._names)
+        options = SolveOptions.for_dtype(getattr(torch, client_dtype.name))
+        return reconstruct(self._model, grads, self.input_shape, options=options)
