@@ -120,7 +120,7 @@ def solve_spd(
     x = (kept @ coef).reshape(rhs.shape)
     if rank == n:
         return SpdSolution(x=x, rank=rank, condition=float((evals[-1] / evals[0]) ** 0.5))
-    if floor is not None and 0 < rank and n <= _MAX_BOUNDED:
+    if floor is not None and rank > 0 and n <= _MAX_BOUNDED:
         return _bounded(evals, evecs, keep, rhs, floor, rank)
     # An unknown is still exact if the lost directions leave it (almost) untouched.
     leverage = evecs[:, ~keep].square().sum(dim=1)
