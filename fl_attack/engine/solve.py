@@ -121,7 +121,9 @@ def solve_spd(
     if rank == n:
         return SpdSolution(x=x, rank=rank, condition=float((evals[-1] / evals[0]) ** 0.5))
     if floor is not None and rank > 0 and n <= _MAX_BOUNDED:
-        return _bounded(evals, evecs, keep, rhs, floor, rank)
+        bounded = _bounded(evals, evecs, keep, rhs, floor)
+        if bounded is not None:
+            return bounded
     # An unknown is still exact if the lost directions leave it (almost) untouched.
     leverage = evecs[:, ~keep].square().sum(dim=1)
     return SpdSolution(
@@ -130,19 +132,14 @@ def solve_spd(
 
 
 def _bounded(
-    evals: torch.Tensor,
-    evecs: torch.Tensor,
-    keep: torch.Tensor,
-    rhs: torch.Tensor,
-    floor: float,
-    rank: int,
-) -> SpdSolution:
+    evals: torch.Tensor, evecs: torch.Tensor, keep: torch.Tensor, rhs: torch.Tensor, floor: float
+) -> SpdSolution | None:
     """Least squares with ``x >= floor`` (Lawson-Hanson) on the data-determined subspace.
 
     ``A`` is replaced by the equivalent ``diag(sqrt(lambda)) V^T`` (same normal matrix), so
     the problem has ``rank`` rows whatever the original number of equations. The solution
-    counts as unique only if no lost direction can move it while keeping every unknown that
-    sits on the bound at or above it (checked by a small linear program).
+    is returned only if it is unique: no lost direction can move it while keeping every
+    unknown that sits on the bound at or above it (a small linear program); else None.
     """
     n = evecs.shape[0]
     kept, lost = evecs[:, keep], evecs[:, ~keep].numpy()
@@ -151,24 +148,16 @@ def _bounded(
     columns = rhs.reshape(n, -1)
     shift = a_red.sum(axis=1) * floor
     out = torch.empty_like(columns)
-    unique = True
     for k in range(columns.shape[1]):
         b_red = ((kept.T @ columns[:, k]) / root).numpy() - shift
         try:
             z, _ = optimize.nnls(a_red, b_red, maxiter=3 * n)
-        except RuntimeError:  # no convergence within the iteration cap: leave it open
-            z, unique = columns.new_zeros(n).numpy(), False
+        except RuntimeError:  # no convergence within the iteration cap
+            return None
+        if not _pinned(lost, z <= 0):
+            return None
         out[:, k] = torch.from_numpy(z + floor)
-        unique = unique and _pinned(lost, z <= 0)
-    if unique:
-        return SpdSolution(x=out.reshape(rhs.shape), rank=n, condition=float("inf"), bounded=True)
-    leverage = torch.from_numpy((lost**2).sum(axis=1))
-    return SpdSolution(
-        x=out.reshape(rhs.shape),
-        rank=rank,
-        condition=float("inf"),
-        undetermined=leverage > _LEVERAGE_TOL,
-    )
+    return SpdSolution(x=out.reshape(rhs.shape), rank=n, condition=float("inf"), bounded=True)
 
 
 def _pinned(lost: np.ndarray, on_bound: np.ndarray) -> bool:

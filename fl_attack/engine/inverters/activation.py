@@ -73,15 +73,17 @@ class ActivationInverter(Inverter):
         start = time.perf_counter()
         back = self.backward(layer, output.value, options)
         known = back.recoverable & output.known
-        alt = None
-        if back.uncertain is not None and back.alt_derivative is not None:
-            known = known & ~back.uncertain
+        alt, uncertain = None, back.uncertain
+        if uncertain is not None and back.alt_derivative is not None:
+            # Outputs the layer above left undetermined are close calls too.
+            uncertain = uncertain | ~output.known
+            known = known & ~uncertain
             alt = output.grad * back.alt_derivative
         signal = Signal(
             value=back.pre_activation,
             known=known,
             grad=output.grad * back.derivative,
-            uncertain=back.uncertain,
+            uncertain=uncertain,
             grad_alt=alt,
         )
         diag = LayerDiagnostics(
@@ -91,6 +93,6 @@ class ActivationInverter(Inverter):
             seconds=time.perf_counter() - start,
             zero_units=back.zero_units,
             saturated_units=back.saturated_units,
-            ambiguous_units=int(back.uncertain.sum()) if back.uncertain is not None else 0,
+            ambiguous_units=int(uncertain.sum()) if uncertain is not None else 0,
         )
         return signal, diag

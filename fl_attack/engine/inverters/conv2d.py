@@ -19,6 +19,8 @@ __all__ = ["Conv2dInverter", "conv_geometry", "settle_by_bias"]
 
 # Close calls per filter settled by enumeration (2**k sums); more are left as decided.
 _MAX_ENUMERATED = 14
+# Rounds of the mask <-> input fixed point for many close calls.
+_MASK_ITERATIONS = 12
 
 
 def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
@@ -164,21 +166,13 @@ class Conv2dInverter(Inverter):
             d_out, resolved, unresolved = settle_by_bias(
                 output.grad, output.grad_alt, output.uncertain, grads["bias"]
             )
-        fij, pq, u, v, (f_out, ho, wo) = conv_geometry(layer, input_shape)
-        kh, kw = _pair(layer.kernel_size)
-        n_rows = f_out * kh * kw
-
-        # Gradient constraints: one matrix G (rows f,i,j; columns u,v) shared by all channels.
-        g = torch.zeros(n_rows, hw, dtype=torch.float64)
-        g[fij, u * w + v] = d_out.reshape(-1)[pq]
-        # Rows of a filter whose output gradient is (numerically) zero carry only noise:
-        # drop them, and scale the family as a whole so that small rows keep small weight.
-        norms = g.norm(dim=1)
-        rows = norms > float(norms.max()) * options.eps**0.5
-        scale_g = 1.0 / float(norms[rows].square().mean().sqrt()) if bool(rows.any()) else 1.0
-        g = g[rows] * scale_g
-        b_grad = d_weight.reshape(f_out, c, kh * kw).permute(0, 2, 1).reshape(n_rows, c)
-        b_grad = b_grad[rows] * scale_g
+        if unresolved and output.grad_alt is not None and output.uncertain is not None:
+            refined = _refine_relu_mask(
+                layer, d_out, output.grad_alt, output.uncertain, d_weight, input_shape, options
+            )
+            if refined is not None:
+                d_out, resolved, unresolved = refined, resolved + unresolved, 0
+        g, b_grad = _gradient_system(d_out, d_weight, layer, input_shape, options)
         gram = g.T @ g
         rhs_grad = g.T @ b_grad  # (hw, c)
         equations = int(g.shape[0]) * c
@@ -210,10 +204,11 @@ class Conv2dInverter(Inverter):
             scale = b_grad.square().sum()
         else:
             # Add weight constraints O - b = conv(z, W) where the output is known.
-            target = output.value.reshape(f_out, -1)
+            target = output.value.reshape(layer.out_channels, -1)
             if bias is not None:
                 target = target - bias[:, None]
             target = target.reshape(-1)[known]
+            fij, pq, u, v, (f_out, ho, wo) = conv_geometry(layer, input_shape)
             kmat = _weight_matrix(weight, fij, pq, u, v, (c, h, w), f_out * ho * wo)
             kmat = kmat[known.numpy()]
             scale_k = 1.0 / max(float(np.sqrt(kmat.multiply(kmat).sum() / kmat.shape[0])), 1e-300)
@@ -308,3 +303,69 @@ def settle_by_bias(
         flat_grad[f, idx] = choices[best]
         resolved += k
     return settled, resolved, unresolved
+
+
+def _gradient_system(
+    d_out: torch.Tensor,
+    d_weight: torch.Tensor,
+    layer: nn.Conv2d,
+    input_shape: Shape,
+    options: SolveOptions,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient constraints ``G z_c = B[:, c]``: one matrix G (rows f,i,j; columns u,v).
+
+    Rows of a filter whose output gradient is (numerically) zero carry only noise: they are
+    dropped, and the family is scaled as a whole so that small rows keep small weight.
+    """
+    c, h, w = input_shape
+    fij, pq, u, v, (f_out, _, _) = conv_geometry(layer, input_shape)
+    kh, kw = _pair(layer.kernel_size)
+    n_rows = f_out * kh * kw
+    g = torch.zeros(n_rows, h * w, dtype=torch.float64)
+    g[fij, u * w + v] = d_out.reshape(-1)[pq]
+    norms = g.norm(dim=1)
+    rows = norms > float(norms.max()) * options.eps**0.5
+    scale = 1.0 / float(norms[rows].square().mean().sqrt()) if bool(rows.any()) else 1.0
+    b_grad = d_weight.reshape(f_out, c, kh * kw).permute(0, 2, 1).reshape(n_rows, c)
+    return g[rows] * scale, b_grad[rows] * scale
+
+
+def _refine_relu_mask(
+    layer: nn.Conv2d,
+    grad: torch.Tensor,
+    alt: torch.Tensor,
+    uncertain: torch.Tensor,
+    d_weight: torch.Tensor,
+    input_shape: Shape,
+    options: SolveOptions,
+) -> torch.Tensor | None:
+    """Settle many close ReLU calls above this layer by a mask <-> input fixed point.
+
+    The ReLU right above sees this layer's output ``O``: its mask is ``[O > 0]``. Guess the
+    mask, solve the (per-channel, overdetermined) gradient constraints for the input,
+    recompute ``O = conv(z) + b`` and its mask, and repeat until the mask is stable. The
+    result is kept only if the gradient constraints then agree to the dtype's precision.
+    """
+    if not bool(((grad * alt) == 0).all()):
+        return None  # not a ReLU (one of the two candidates is always zero for a ReLU)
+    c, h, w = input_shape
+    total = grad + alt
+    mask = grad != 0
+    weight = layer.weight.detach().to(torch.float64)
+    bias = layer.bias.detach().to(torch.float64) if layer.bias is not None else None
+    tolerance = options.eps**0.5
+    for _ in range(_MASK_ITERATIONS):
+        d_out = torch.where(uncertain, total * mask, grad)
+        g, b_grad = _gradient_system(d_out, d_weight, layer, input_shape, options)
+        if g.shape[0] < h * w:
+            return None
+        z = torch.linalg.lstsq(g, b_grad).solution  # (hw, c)
+        residual = float((g @ z - b_grad).norm() / b_grad.norm().clamp_min(1e-300))
+        out = F.conv2d(
+            z.T.reshape(1, c, h, w), weight, bias, layer.stride, layer.padding, layer.dilation
+        )[0]
+        new_mask = torch.where(uncertain, out > 0, mask)
+        if bool((new_mask == mask).all()):
+            return d_out if residual < tolerance else None
+        mask = new_mask
+    return None
