@@ -160,6 +160,14 @@ def main(argv: list[str] | None = None) -> int:
                     **cell,
                 }
             )
+            # Nothing lost on a crash: the JSON holds every finished cell.
+            write_json(args.out, {"n": args.n, "seed": args.seed, "cells": results})
+            if not console.is_terminal:  # a log line per cell when nobody sees the bar
+                print(
+                    f"{init} {name} {activation} {dtype}: median {cell['median_psnr']:.1f} dB, "
+                    f"min {cell['min_psnr']:.1f} dB, >=40 dB {cell['pct_ge_40']:.0f}%",
+                    flush=True,
+                )
     for init in args.inits:
         table = Table(
             title=f"R-CONV intense test, rconv-main, init={init}, n={args.n}", title_justify="left"
