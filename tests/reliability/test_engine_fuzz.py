@@ -20,8 +20,8 @@ def cases(draw: st.DrawFn) -> tuple[nn.Module, tuple[int, ...], list[torch.Tenso
     torch.manual_seed(draw(st.integers(0, 2**16)))
     channels, height, width = (
         draw(st.integers(1, 3)),
-        draw(st.integers(1, 9)),
-        draw(st.integers(1, 9)),
+        draw(st.integers(1, 8)),
+        draw(st.integers(1, 8)),
     )
     layers: list[nn.Module] = []
     shape = (channels, height, width)
