@@ -147,12 +147,16 @@ class ModelConfig:
         ``uniform`` (the seed's U(-0.5, 0.5)) or ``default`` (PyTorch's).
     seed : int
         Seed of the initial weights.
+    num_classes : int or None
+        Outputs of the classifier; ``None`` uses the data set's class count. More outputs
+        than classes is allowed (the unused ones are never a label).
     """
 
     name: str
     activation: str
     init: Init
     seed: int
+    num_classes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,6 +307,9 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "activation": _Key(str, f"one of {', '.join(ACTIVATIONS)}", _choice(tuple(ACTIVATIONS))),
         "init": _Key(str, f"one of {', '.join(i.value for i in Init)}", _choice(tuple(Init))),
         "seed": _Key(int, "an int >= 0", lambda v: v >= 0),
+        "num-classes": _Key(
+            int, "an int >= 2 (omit the key to use the data set's classes)", lambda v: v >= 2, None
+        ),
     },
     "client": {
         "batch-size": _Key(int, "an int >= 1", _positive_int),
@@ -600,6 +607,7 @@ def _build(values: dict[str, dict[str, Any]], where: str, source: Path) -> Scena
             activation=model["activation"],
             init=Init(model["init"]),
             seed=model["seed"],
+            num_classes=model["num-classes"],
         ),
         client=ClientConfig(
             batch_size=client["batch-size"],

@@ -12,7 +12,8 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from logging import INFO, WARNING
 from typing import Protocol
 
@@ -195,6 +196,20 @@ class MaliciousServer(Strategy):
         log(INFO, "\t│\t└── Client learning rate: %s", self.lr)
         self.strategy.summary()
 
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegate to the wrapped strategy."""
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+    ) -> MetricRecord | None:
+        """Delegate to the wrapped strategy."""
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -210,7 +225,9 @@ class MaliciousServer(Strategy):
             )
         config["lr"] = self.lr
         self._broadcast[server_round] = {
-            name: np.array(arrays[name].numpy(), copy=True) for name in arrays if name in self._names
+            name: np.array(arrays[name].numpy(), copy=True)
+            for name in arrays
+            if name in self._names
         }
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
@@ -230,7 +247,8 @@ class MaliciousServer(Strategy):
                 server_round,
             )
         else:
-            self._attack_round(server_round, replies, broadcast)
+            with _torch_threads(1):
+                self._attack_round(server_round, replies, broadcast)
         return self.strategy.aggregate_train(server_round, replies)
 
     def _attack_round(
@@ -264,8 +282,7 @@ class MaliciousServer(Strategy):
             except (EngineError, GradientError) as exc:
                 log(
                     WARNING,
-                    "MaliciousServer.aggregate_train: round %s, node %s: reconstruction "
-                    "failed: %s",
+                    "MaliciousServer.aggregate_train: round %s, node %s: reconstruction failed: %s",
                     server_round,
                     node_id,
                     exc,
@@ -304,3 +321,14 @@ class MaliciousServer(Strategy):
         grads = derive_gradients(broadcast, update, self.lr, self._names)
         options = SolveOptions.for_dtype(getattr(torch, client_dtype.name))
         return reconstruct(self._model, grads, self.input_shape, options=options)
+
+
+@contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    """Run the block on ``count`` torch threads (the engine's small solves prefer one)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -31,3 +31,13 @@ def seed() -> int:
     """Fix torch's global RNG and return the seed used."""
     torch.manual_seed(0)
     return 0
+
+
+@pytest.fixture
+def flower_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Give this process the task identity Flower's runtimes set before Messages are built."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)

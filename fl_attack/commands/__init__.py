@@ -5,8 +5,9 @@ from __future__ import annotations
 from types import ModuleType
 
 from fl_attack.commands import reconstruct as _reconstruct
+from fl_attack.commands import run as _run
 from fl_attack.commands.errors import UsageError
 
 __all__ = ["COMMANDS", "UsageError"]
 
-COMMANDS: tuple[ModuleType, ...] = (_reconstruct,)
+COMMANDS: tuple[ModuleType, ...] = (_reconstruct, _run)

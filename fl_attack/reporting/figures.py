@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import matplotlib
 
@@ -14,7 +16,9 @@ import torch
 
 from fl_attack.reporting.files import atomic_write
 
-__all__ = ["save_side_by_side", "to_display"]
+__all__ = ["save_round_grid", "save_side_by_side", "to_display"]
+
+T = TypeVar("T")
 
 
 def to_display(image: torch.Tensor) -> np.ndarray:
@@ -48,3 +52,60 @@ def save_side_by_side(
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
+
+
+def save_round_grid(
+    path: Path,
+    originals: Sequence[torch.Tensor | None],
+    leaks: Sequence[torch.Tensor | None],
+    captions: Sequence[str],
+    *,
+    headers: Sequence[str],
+    title: str,
+) -> Path:
+    """Write one round as a PNG: originals above, leaked images below, a caption under each.
+
+    Parameters
+    ----------
+    path : Path
+        Target file (written atomically).
+    originals, leaks : sequence of (C, H, W) tensors or None
+        One column per client; ``None`` draws an empty panel (no ground truth / no leak).
+    captions : sequence of str
+        Text under each leaked image (e.g. its PSNR).
+    headers : sequence of str
+        Text above each original (e.g. the client's partition).
+    title : str
+        Figure title.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    columns = max(len(leaks), 1)
+    fig, axes = plt.subplots(2, columns, figsize=(1.45 * columns + 0.4, 3.6), squeeze=False)
+    for col in range(columns):
+        top, bottom = axes[0][col], axes[1][col]
+        for ax, image in ((top, _at(originals, col)), (bottom, _at(leaks, col))):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if image is None:
+                ax.set_facecolor("0.85")
+                continue
+            gray = "gray" if image.shape[0] == 1 else None
+            ax.imshow(to_display(image), cmap=gray, vmin=0, vmax=1)
+        top.set_title(_at(headers, col) or "", fontsize=7)
+        bottom.set_xlabel(_at(captions, col) or "", fontsize=7)
+    axes[0][0].set_ylabel("original", fontsize=8)
+    axes[1][0].set_ylabel("leaked", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path
+
+
+def _at(items: Sequence[T], index: int) -> T | None:
+    """``items[index]``, or None past the end."""
+    return items[index] if index < len(items) else None

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "write_json"]
+__all__ = ["append_jsonl", "atomic_write", "write_json"]
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
@@ -20,6 +20,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the result private to its writer
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -35,6 +36,17 @@ def write_json(path: Path, payload: Any) -> Path:
         tmp.write_text(json.dumps(_finite(payload), indent=2) + "\n", encoding="utf-8")
 
     return atomic_write(path, dump)
+
+
+def append_jsonl(path: Path, payload: Any) -> Path:
+    """Append ``payload`` as one JSON line, flushed and fsynced (non-finite floats as strings)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(_finite(payload), separators=(",", ":"))
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(line + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    return path
 
 
 def _finite(value: Any) -> Any:

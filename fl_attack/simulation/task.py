@@ -45,9 +45,10 @@ class FederatedData:
     num_classes : int
         Number of classes of the dataset.
     train_indices : np.ndarray
-        Dataset indices the clients share out (the first images).
+        Dataset indices the clients share out.
     test_indices : np.ndarray
-        Dataset indices held out for the server's test accuracy (the last images).
+        Dataset indices held out for the server's test accuracy (the last images of
+        each class).
     """
 
     name: str
@@ -64,36 +65,48 @@ class FederatedData:
         return int(c), int(h), int(w)
 
 
-def split_train_test(n: int, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out the last ``round(n * test_fraction)`` indices for testing.
+def split_train_test(labels: np.ndarray, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out ``round(n * test_fraction)`` images, taken from the end of each class in turn.
 
     Parameters
     ----------
-    n : int
-        Number of images.
+    labels : np.ndarray
+        Label of every image, in dataset order.
     test_fraction : float
         In ``[0, 1)``.
 
     Returns
     -------
     tuple of np.ndarray
-        ``(train, test)`` int64 index arrays, in order.
+        ``(train, test)`` sorted int64 index arrays.
 
     Raises
     ------
     ValueError
-        If nothing is left for training.
+        If ``test_fraction`` is out of range or nothing is left for training.
+
+    Notes
+    -----
+    The held-out images are the last image of every class, then the second-to-last of
+    every class, and so on, until the count is reached: a data set sorted by class
+    (``faces``) still gets every class in its test set, and the split needs no seed.
     """
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
-    n_test = round(n * test_fraction)
-    if n - n_test < 1:
+    labels = np.asarray(labels)
+    count = round(len(labels) * test_fraction)
+    if len(labels) - count < 1:
         raise ValueError(
-            f"holding out {n_test} of {n} images leaves none for training; "
+            f"holding out {count} of {len(labels)} images leaves none for training; "
             "lower [data] test-fraction or raise [data] limit"
         )
-    indices = np.arange(n, dtype=np.int64)
-    return indices[: n - n_test], indices[n - n_test :]
+    tails = [np.flatnonzero(labels == label)[::-1] for label in np.unique(labels)]
+    order = [
+        tail[k] for k in range(max(map(len, tails), default=0)) for tail in tails if k < len(tail)
+    ]
+    held = np.sort(np.asarray(order[:count], dtype=np.int64))
+    train = np.setdiff1d(np.arange(len(labels), dtype=np.int64), held)
+    return train, held
 
 
 @lru_cache(maxsize=4)
@@ -118,7 +131,7 @@ def load_federated_data(data: DataConfig) -> FederatedData:
         If the held-out fraction leaves no training image.
     """
     images = load_dataset(data.dataset, root=data.data_dir, limit=data.limit)
-    train, test = split_train_test(len(images), data.test_fraction)
+    train, test = split_train_test(images.labels.numpy(), data.test_fraction)
     return FederatedData(
         name=images.name,
         images=images.images,
@@ -299,13 +312,37 @@ def pick_batch(
 
 
 def build_scenario_model(model: ModelConfig, fed: FederatedData) -> nn.Sequential:
-    """The scenario's model for the dataset's channels and classes, float32, seeded."""
+    """The scenario's model for the data set's channels and classes, float32, seeded.
+
+    Parameters
+    ----------
+    model : ModelConfig
+        The ``[model]`` table.
+    fed : FederatedData
+        The data set (channels, image side, class count).
+
+    Returns
+    -------
+    nn.Sequential
+        Freshly initialised from ``model.seed``.
+
+    Raises
+    ------
+    ValueError
+        If ``[model] num-classes`` is below the data set's class count.
+    """
+    num_classes = fed.num_classes if model.num_classes is None else model.num_classes
+    if num_classes < fed.num_classes:
+        raise ValueError(
+            f"[model] num-classes = {num_classes} is below the {fed.num_classes} classes of "
+            f"{fed.name}; raise it or omit the key"
+        )
     channels, side, _ = fed.input_shape
     return build_model(
         model.name,
         activation=model.activation,
         in_channels=channels,
-        num_classes=fed.num_classes,
+        num_classes=num_classes,
         image_size=side,
         init=model.init,
         seed=model.seed,

@@ -1,0 +1,5 @@
+"""The Flower ClientApp: honest clients that train one step per round and audit it."""
+
+from __future__ import annotations
+
+__all__: list[str] = []

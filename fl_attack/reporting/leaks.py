@@ -1,0 +1,635 @@
+"""The evaluator of a federated run: joins each leak with the clients' audit records.
+
+:class:`LeakRecorder` receives what the malicious server recovered (it implements the
+server's ``LeakSink``), looks up what the client really trained on in the out-of-band
+audit record, and scores the leak: PSNR, SSIM, label, identifiability. It writes
+``leaks.jsonl`` (one line per client and round), ``round_<r>.png`` and ``summary.json``
+into the run folder, and shows a progress bar per round and a closing table.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+
+from fl_attack.config import ScenarioConfig
+from fl_attack.engine import Reconstruction
+from fl_attack.metrics import image_metrics, is_identified
+from fl_attack.reporting.figures import save_round_grid
+from fl_attack.reporting.files import append_jsonl, write_json
+from fl_attack.simulation import (
+    AUDIT_DIR,
+    AuditRecord,
+    FederatedData,
+    client_partition,
+    read_audit,
+)
+
+__all__ = [
+    "GOOD_DB",
+    "LEAKS_FILE",
+    "SUMMARY_FILE",
+    "DiagnosticsSummary",
+    "LeakRecord",
+    "LeakRecorder",
+    "RoundSummary",
+    "RunSummary",
+    "summary_table",
+]
+
+GOOD_DB = 40.0
+"""A leak at or above this PSNR counts as a successful reconstruction."""
+
+LEAKS_FILE = "leaks.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass(frozen=True, slots=True)
+class DiagnosticsSummary:
+    """The engine's diagnostics of one reconstruction, condensed.
+
+    Attributes
+    ----------
+    exact : bool
+        No layer lost information.
+    warnings : tuple of str
+        The engine's reasons the image may be wrong.
+    notes : tuple of str
+        Information lost without leaving the input open (e.g. saturated units).
+    rank_deficient_layers : tuple of str
+        Layers whose constraints did not determine their input.
+    max_relative_residual : float
+        Worst relative residual over the solved layers.
+    zero_units, saturated_units, ambiguous_units, unresolved_units : int
+        Totals over the layers.
+    """
+
+    exact: bool
+    warnings: tuple[str, ...]
+    notes: tuple[str, ...]
+    rank_deficient_layers: tuple[str, ...]
+    max_relative_residual: float
+    zero_units: int
+    saturated_units: int
+    ambiguous_units: int
+    unresolved_units: int
+
+    @classmethod
+    def of(cls, result: Reconstruction) -> DiagnosticsSummary:
+        """Condense a reconstruction's per-layer diagnostics."""
+        solved = [d for d in result.layers if d.unknowns]
+        return cls(
+            exact=result.exact,
+            warnings=result.warnings,
+            notes=result.notes,
+            rank_deficient_layers=tuple(d.name for d in result.layers if d.rank_deficient),
+            max_relative_residual=max((d.relative_residual for d in solved), default=0.0),
+            zero_units=sum(d.zero_units for d in result.layers),
+            saturated_units=sum(d.saturated_units for d in result.layers),
+            ambiguous_units=sum(d.ambiguous_units for d in result.layers),
+            unresolved_units=sum(d.unresolved_units for d in result.layers),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LeakRecord:
+    """One client in one round: what leaked and how good it is.
+
+    Attributes
+    ----------
+    server_round : int
+        The round.
+    node_id : int
+        The client's node id, as the server sees it.
+    status : str
+        ``"leaked"`` (inverted and scored), ``"unaudited"`` (inverted, but no audit
+        record to score it against) or ``"failed"`` (not inverted).
+    partition_id : int or None
+        From the audit record.
+    indices : tuple of int
+        Dataset indices the client trained on (from the audit record).
+    label_true : int or None
+        Label of the matched image.
+    label_guessed : int or None
+        Label recovered from the update.
+    psnr, ssim : float or None
+        Quality of the leak against the matched training image (the best of the batch).
+    identified : bool or None
+        The leak is nearer to one of the client's own training images than to any other
+        image of its partition.
+    seconds : float or None
+        Time the engine took.
+    diagnostics : DiagnosticsSummary or None
+        Condensed engine diagnostics.
+    error : str
+        Why the reconstruction failed (status ``"failed"``).
+    """
+
+    server_round: int
+    node_id: int
+    status: str
+    partition_id: int | None = None
+    indices: tuple[int, ...] = ()
+    label_true: int | None = None
+    label_guessed: int | None = None
+    psnr: float | None = None
+    ssim: float | None = None
+    identified: bool | None = None
+    seconds: float | None = None
+    diagnostics: DiagnosticsSummary | None = None
+    error: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready mapping (one line of ``leaks.jsonl``)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class RoundSummary:
+    """What one round leaked, and the model's test accuracy after it.
+
+    Attributes
+    ----------
+    server_round : int
+        The round.
+    clients : int
+        Replies attacked.
+    leaked : int
+        Leaks scored at or above :data:`GOOD_DB`.
+    failed : int
+        Replies that could not be inverted.
+    scored : int
+        Inverted replies with an audit record to score them against.
+    labels_recovered : int
+        Scored leaks whose label was recovered.
+    identified : int
+        Scored leaks nearer to the client's own image than to any other of its partition.
+    psnr_min, psnr_mean : float or None
+        Over the scored leaks.
+    ssim_mean : float or None
+        Over the scored leaks.
+    label_accuracy : float or None
+        Fraction of scored leaks whose label was recovered.
+    identifiability : float or None
+        Fraction of scored leaks identified among their client's partition.
+    attack_seconds : float
+        Wall time of the round's inversions.
+    test_accuracy : float or None
+        Accuracy of the aggregated model on the held-out images.
+    """
+
+    server_round: int
+    clients: int
+    leaked: int
+    failed: int
+    scored: int
+    labels_recovered: int
+    identified: int
+    psnr_min: float | None
+    psnr_mean: float | None
+    ssim_mean: float | None
+    label_accuracy: float | None
+    identifiability: float | None
+    attack_seconds: float
+    test_accuracy: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class RunSummary:
+    """A whole run (``summary.json``).
+
+    Attributes
+    ----------
+    name : str
+        Run name.
+    run_dir : str
+        Folder of the artefacts.
+    scenario : str
+        The scenario file.
+    dataset, model, activation, init : str
+        What was attacked.
+    attack : bool
+        Whether the malicious server was active.
+    threat_model : str
+        Its threat model.
+    lr : float
+        Clients' learning rate.
+    rounds : tuple of RoundSummary
+        Per round.
+    client_rounds : int
+        Replies attacked over the run.
+    leaked : int
+        Of those, leaks at or above :data:`GOOD_DB`.
+    psnr_min : float or None
+        Worst scored leak of the run.
+    initial_test_accuracy : float or None
+        Before the first round.
+    final_test_accuracy : float or None
+        After the last round.
+    seconds : float
+        Wall time of the run (server side).
+    model_digest : str
+        SHA-256 of the final global model's arrays (equal digests: identical models).
+    """
+
+    name: str
+    run_dir: str
+    scenario: str
+    dataset: str
+    model: str
+    activation: str
+    init: str
+    attack: bool
+    threat_model: str
+    lr: float
+    rounds: tuple[RoundSummary, ...]
+    client_rounds: int
+    leaked: int
+    psnr_min: float | None
+    initial_test_accuracy: float | None
+    final_test_accuracy: float | None
+    seconds: float
+    model_digest: str = ""
+    good_db: float = field(default=GOOD_DB)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready mapping."""
+        return asdict(self)
+
+
+class LeakRecorder:
+    """Score and log every leak of a run (the server's ``LeakSink``).
+
+    Parameters
+    ----------
+    scenario : ScenarioConfig
+        The run's scenario (run folder, partitioning, seed).
+    fed : FederatedData
+        The data set, for the ground-truth pixels the audit records point at.
+    console : rich.console.Console, optional
+        Where the progress bars and the closing table go; ``None`` shows nothing.
+
+    Notes
+    -----
+    Ground truth comes only from ``<run-dir>/audit/``, written by the clients out of
+    band; a leak whose client wrote no audit record is logged as ``"unaudited"``.
+    """
+
+    def __init__(
+        self, scenario: ScenarioConfig, fed: FederatedData, *, console: Console | None = None
+    ) -> None:
+        self.scenario = scenario
+        self.fed = fed
+        self.console = console
+        self.run_dir = scenario.run.run_dir
+        self._records: dict[int, list[LeakRecord]] = {}
+        self._images: dict[int, list[tuple[torch.Tensor | None, torch.Tensor | None]]] = {}
+        self._accuracy: dict[int, float] = {}
+        self._round_seconds: dict[int, float] = {}
+        self._round_start = 0.0
+        self._progress: Progress | None = None
+        self._task: int | None = None
+        self._start = time.perf_counter()
+
+    @property
+    def leaks_path(self) -> Path:
+        """``<run-dir>/leaks.jsonl``."""
+        return self.run_dir / LEAKS_FILE
+
+    def start(self) -> None:
+        """Create the run folder and clear the artefacts a previous run of the name left."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        stale = [self.leaks_path, self.run_dir / SUMMARY_FILE]
+        stale += list(self.run_dir.glob("round_*.png"))
+        stale += list((self.run_dir / AUDIT_DIR).glob("node_*.jsonl"))
+        for path in stale:
+            path.unlink(missing_ok=True)
+        self._start = time.perf_counter()
+
+    # ------------------------------------------------------------ LeakSink
+
+    def begin_round(self, server_round: int, num_replies: int) -> None:
+        """Open the round's progress bar."""
+        self._records[server_round] = []
+        self._images[server_round] = []
+        self._round_start = time.perf_counter()
+        if self.console is not None:
+            self._progress = Progress(
+                TextColumn("[bold]round {task.fields[round]}[/] inverting updates"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                console=self.console,
+                transient=False,
+            )
+            self._task = self._progress.add_task(
+                "attack", total=num_replies, round=server_round, status=""
+            )
+            self._progress.start()
+
+    def record_leak(self, server_round: int, node_id: int, result: Reconstruction) -> None:
+        """Score one inverted update against its audit record and log it."""
+        audit = read_audit(self.run_dir, server_round, node_id)
+        diagnostics = DiagnosticsSummary.of(result)
+        if audit is None:
+            record = LeakRecord(
+                server_round=server_round,
+                node_id=node_id,
+                status="unaudited",
+                label_guessed=result.label,
+                seconds=result.seconds,
+                diagnostics=diagnostics,
+            )
+            self._add(record, None, result.image)
+            return
+        estimate = result.image.to(torch.float64)
+        scored = [
+            (image_metrics(self.fed.images[i], estimate), i, label)
+            for i, label in zip(audit.indices, audit.labels, strict=True)
+        ]
+        metrics, index, label = max(scored, key=lambda item: item[0].psnr)
+        record = LeakRecord(
+            server_round=server_round,
+            node_id=node_id,
+            status="leaked",
+            partition_id=audit.partition_id,
+            indices=audit.indices,
+            label_true=label,
+            label_guessed=result.label,
+            psnr=metrics.psnr,
+            ssim=metrics.ssim,
+            identified=self._identified(estimate, audit),
+            seconds=result.seconds,
+            diagnostics=diagnostics,
+        )
+        self._add(record, self.fed.images[index], result.image)
+
+    def record_failure(self, server_round: int, node_id: int, reason: str) -> None:
+        """Log an update that could not be inverted."""
+        audit = read_audit(self.run_dir, server_round, node_id)
+        record = LeakRecord(
+            server_round=server_round,
+            node_id=node_id,
+            status="failed",
+            partition_id=audit.partition_id if audit else None,
+            indices=audit.indices if audit else (),
+            label_true=audit.labels[0] if audit else None,
+            error=reason,
+        )
+        original = self.fed.images[audit.indices[0]] if audit else None
+        self._add(record, original, None)
+
+    def end_round(self, server_round: int) -> None:
+        """Close the progress bar and draw ``round_<r>.png``."""
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        self._round_seconds[server_round] = time.perf_counter() - self._round_start
+        records = self._records.get(server_round, [])
+        images = self._images.get(server_round, [])
+        order = sorted(
+            range(len(records)),
+            key=lambda k: (
+                records[k].partition_id is None,
+                records[k].partition_id or 0,
+                records[k].node_id,
+            ),
+        )
+        originals = [images[k][0] for k in order]
+        leaks = [images[k][1] for k in order]
+        headers = [_header(records[k]) for k in order]
+        captions = [_caption(records[k]) for k in order]
+        if records:
+            save_round_grid(
+                self.run_dir / f"round_{server_round}.png",
+                originals,
+                leaks,
+                captions,
+                headers=headers,
+                title=(
+                    f"{self.scenario.run.name}: round {server_round}, "
+                    f"{self.fed.name} on {self.scenario.model.name} "
+                    f"({self.scenario.model.activation}) - originals above, leaked below"
+                ),
+            )
+        self._images.pop(server_round, None)
+
+    # ------------------------------------------------------------ run level
+
+    def record_accuracy(self, server_round: int, accuracy: float) -> None:
+        """Note the aggregated model's test accuracy after ``server_round`` (0 = initial)."""
+        self._accuracy[server_round] = float(accuracy)
+
+    def records(self, server_round: int) -> tuple[LeakRecord, ...]:
+        """The leak records of one round so far."""
+        return tuple(self._records.get(server_round, ()))
+
+    def finish(self, rounds: int, *, model_digest: str = "") -> RunSummary:
+        """Write ``summary.json``, show the closing table and return the summary.
+
+        Parameters
+        ----------
+        rounds : int
+            Number of rounds the run had (rounds without leaks still get a row).
+        model_digest : str
+            Digest of the final global model, recorded as is.
+        """
+        per_round = tuple(self._round_summary(r) for r in range(1, rounds + 1))
+        scored = [
+            rec.psnr for recs in self._records.values() for rec in recs if rec.psnr is not None
+        ]
+        summary = RunSummary(
+            name=self.scenario.run.name,
+            run_dir=str(self.run_dir),
+            scenario=str(self.scenario.source or ""),
+            dataset=self.fed.name,
+            model=self.scenario.model.name,
+            activation=self.scenario.model.activation,
+            init=self.scenario.model.init.value,
+            attack=self.scenario.attack.enabled,
+            threat_model=self.scenario.attack.threat_model.value,
+            lr=self.scenario.client.lr,
+            rounds=per_round,
+            client_rounds=sum(r.clients for r in per_round),
+            leaked=sum(r.leaked for r in per_round),
+            psnr_min=min(scored) if scored else None,
+            initial_test_accuracy=self._accuracy.get(0),
+            final_test_accuracy=self._accuracy.get(rounds),
+            seconds=time.perf_counter() - self._start,
+            model_digest=model_digest,
+        )
+        write_json(self.run_dir / SUMMARY_FILE, summary.to_json())
+        if self.console is not None:
+            self.console.print(summary_table(summary))
+        return summary
+
+    # ------------------------------------------------------------ helpers
+
+    def _add(
+        self, record: LeakRecord, original: torch.Tensor | None, leak: torch.Tensor | None
+    ) -> None:
+        """Append a record to ``leaks.jsonl`` and to the round, advance the progress bar."""
+        append_jsonl(self.leaks_path, record.to_json())
+        self._records.setdefault(record.server_round, []).append(record)
+        self._images.setdefault(record.server_round, []).append((original, leak))
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, advance=1, status=_caption(record))
+
+    def _identified(self, estimate: torch.Tensor, audit_record: AuditRecord) -> bool:
+        """Is the nearest image of the client's partition one it trained on?"""
+        partition = client_partition(
+            self.fed,
+            self.scenario.data,
+            seed=self.scenario.run.seed,
+            partition_id=audit_record.partition_id,
+            num_partitions=audit_record.num_partitions,
+            min_size=self.scenario.client.batch_size,
+        )
+        used = set(audit_record.indices)
+        positions = [k for k, index in enumerate(partition) if int(index) in used]
+        pool = self.fed.images[torch.from_numpy(partition)]
+        return is_identified(estimate, pool, positions)
+
+    def _round_summary(self, server_round: int) -> RoundSummary:
+        """Aggregate one round's records."""
+        records = self._records.get(server_round, [])
+        scored = [r for r in records if r.psnr is not None]
+        psnrs = [r.psnr for r in scored if r.psnr is not None]
+        finite = [p for p in psnrs if math.isfinite(p)]
+        return RoundSummary(
+            server_round=server_round,
+            clients=len(records),
+            leaked=sum(1 for p in psnrs if p >= GOOD_DB),
+            failed=sum(1 for r in records if r.status == "failed"),
+            scored=len(scored),
+            labels_recovered=sum(1 for r in scored if r.label_guessed == r.label_true),
+            identified=sum(1 for r in scored if r.identified),
+            psnr_min=min(psnrs) if psnrs else None,
+            psnr_mean=statistics.fmean(finite) if finite else (math.inf if psnrs else None),
+            ssim_mean=statistics.fmean(r.ssim for r in scored if r.ssim is not None)
+            if scored
+            else None,
+            label_accuracy=_mean(r.label_guessed == r.label_true for r in scored),
+            identifiability=_mean(bool(r.identified) for r in scored),
+            attack_seconds=self._round_seconds.get(server_round, 0.0),
+            test_accuracy=self._accuracy.get(server_round),
+        )
+
+
+def summary_table(summary: RunSummary) -> Table:
+    """The closing table: one row per round, then the run's totals.
+
+    Parameters
+    ----------
+    summary : RunSummary
+        What :meth:`LeakRecorder.finish` returned.
+
+    Returns
+    -------
+    rich.table.Table
+        Ready for ``console.print``; counts are out of the round's clients (leaked,
+        failed) or of its scored leaks (label, ident); without an attack only the test
+        accuracy is shown.
+    """
+    if summary.attack:
+        title = (
+            f"{summary.name}: {summary.dataset}, {summary.model} {summary.activation} "
+            f"(init {summary.init}), lr {summary.lr:g}, {summary.threat_model}"
+        )
+    else:
+        title = f"{summary.name}: {summary.dataset}, no attack"
+    table = Table(
+        title=escape(title),
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1, 0, 0),
+        min_width=min(len(title), 79),
+    )
+    table.add_column("round", justify="right")
+    if not summary.attack:
+        table.add_column("test acc", justify="right")
+        if summary.initial_test_accuracy is not None:
+            table.add_row("0", _pct(summary.initial_test_accuracy))
+        for r in summary.rounds:
+            table.add_row(str(r.server_round), _pct(r.test_accuracy))
+        return table
+    table.caption = f"leaked: PSNR >= {summary.good_db:g} dB; label, ident: of scored leaks"
+    table.caption_justify = "left"
+    for column in ("leaked", "fail", "min dB", "mean dB", "SSIM", "label", "ident", "sec"):
+        table.add_column(column, justify="right", min_width=len(column))
+    table.add_column("test acc", justify="right", min_width=6)
+    if summary.initial_test_accuracy is not None:
+        table.add_row("0", *[""] * 8, _pct(summary.initial_test_accuracy))
+    for r in summary.rounds:
+        table.add_row(
+            str(r.server_round),
+            f"{r.leaked}/{r.clients}",
+            str(r.failed),
+            _db(r.psnr_min),
+            _db(r.psnr_mean),
+            "-" if r.ssim_mean is None else f"{r.ssim_mean:.3f}",
+            f"{r.labels_recovered}/{r.scored}",
+            f"{r.identified}/{r.scored}",
+            f"{r.attack_seconds:.1f}",
+            _pct(r.test_accuracy),
+        )
+    scored = sum(r.scored for r in summary.rounds)
+    table.add_section()
+    table.add_row(
+        "all",
+        f"{summary.leaked}/{summary.client_rounds}",
+        str(sum(r.failed for r in summary.rounds)),
+        _db(summary.psnr_min),
+        "",
+        "",
+        f"{sum(r.labels_recovered for r in summary.rounds)}/{scored}",
+        f"{sum(r.identified for r in summary.rounds)}/{scored}",
+        f"{sum(r.attack_seconds for r in summary.rounds):.1f}",
+        _pct(summary.final_test_accuracy),
+    )
+    return table
+
+
+def _mean(flags: Any) -> float | None:
+    """Mean of booleans, or None when there are none."""
+    values = [1.0 if f else 0.0 for f in flags]
+    return statistics.fmean(values) if values else None
+
+
+def _db(value: float | None) -> str:
+    """A PSNR for the table."""
+    if value is None:
+        return "-"
+    return "inf" if math.isinf(value) else f"{value:.1f}"
+
+
+def _pct(value: float | None) -> str:
+    """A fraction as a percentage for the table."""
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _header(record: LeakRecord) -> str:
+    """Column header of the round picture."""
+    where = f"client {record.partition_id}" if record.partition_id is not None else "client ?"
+    return f"{where}\nnode {record.node_id % 10_000:04d}"
+
+
+def _caption(record: LeakRecord) -> str:
+    """Caption under a leaked image."""
+    if record.status == "failed":
+        return "failed"
+    if record.psnr is None:
+        return "no ground truth"
+    db = "inf" if math.isinf(record.psnr) else f"{record.psnr:.1f}"
+    return f"{db} dB"
