@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Mapping
 
@@ -50,13 +51,33 @@ def conv_geometry(
         ``f*Ho*Wo + p*Wo + q``; ``u, v`` input coordinates; all for one input channel and
         broadcast over filters; ``out_shape`` is ``(F, Ho, Wo)``.
     """
-    _, h, w = input_shape
-    f_out = layer.out_channels
-    kh, kw = _pair(layer.kernel_size)
-    sh, sw = _pair(layer.stride)
-    dh, dw = _pair(layer.dilation)
-    ph, pw = _left_padding(layer)
-    if isinstance(layer.padding, str) and layer.padding == "same":
+    return _taps(
+        layer.out_channels,
+        _pair(layer.kernel_size),
+        _pair(layer.stride),
+        _pair(layer.dilation),
+        _left_padding(layer),
+        isinstance(layer.padding, str) and layer.padding == "same",
+        (int(input_shape[1]), int(input_shape[2])),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _taps(
+    f_out: int,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    padding: tuple[int, int],
+    same: bool,
+    size: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Shape]:
+    """The tap indices of one geometry; cached because every client of a round reuses them.
+
+    The returned tensors are shared between calls and must not be modified.
+    """
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw), (h, w) = kernel, stride, dilation, padding, size
+    if same:
         ho, wo = h, w
     else:
         # An input smaller than the kernel gives an empty output (reported by problems()).
