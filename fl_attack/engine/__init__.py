@@ -8,6 +8,7 @@ from fl_attack.engine.reconstruct import (
     check,
     layer_chain,
     reconstruct,
+    reconstruct_many,
     single_sample_gradients,
     validate,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "check",
     "layer_chain",
     "reconstruct",
+    "reconstruct_many",
     "register_inverter",
     "registered_types",
     "single_sample_gradients",

@@ -11,6 +11,7 @@ from torch import nn
 
 from fl_attack.engine.registry import Shape, inverter_for, registered_types
 from fl_attack.engine.types import (
+    EngineError,
     LayerDiagnostics,
     Reconstruction,
     ReconstructionError,
@@ -22,7 +23,14 @@ from fl_attack.engine.types import (
 # Relative residual above which a layer's constraints visibly disagree.
 _RESIDUAL_WARNING = 1e-2
 
-__all__ = ["check", "layer_chain", "reconstruct", "single_sample_gradients", "validate"]
+__all__ = [
+    "check",
+    "layer_chain",
+    "reconstruct",
+    "reconstruct_many",
+    "single_sample_gradients",
+    "validate",
+]
 
 Gradients = Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
 
@@ -283,6 +291,40 @@ def reconstruct(
         warnings=tuple(warnings),
         notes=tuple(notes),
     )
+
+
+def reconstruct_many(
+    model: nn.Module,
+    gradients: Sequence[Gradients],
+    input_shape: Shape,
+    *,
+    options: SolveOptions | None = None,
+    input_floor: float | None = None,
+) -> list[Reconstruction | EngineError]:
+    """Attack many clients that share one model (one round): the per-weight work is shared.
+
+    Parameters
+    ----------
+    model, input_shape, options, input_floor
+        As for :func:`reconstruct`.
+    gradients : sequence of gradients
+        One entry per client, each as :func:`reconstruct` takes it.
+
+    Returns
+    -------
+    list of Reconstruction or EngineError
+        In the order of ``gradients``; a client whose gradients cannot be inverted gets its
+        error in place of a result, so one bad update does not stop the round.
+    """
+    results: list[Reconstruction | EngineError] = []
+    for client in gradients:
+        try:
+            results.append(
+                reconstruct(model, client, input_shape, options=options, input_floor=input_floor)
+            )
+        except EngineError as exc:
+            results.append(exc)
+    return results
 
 
 def _findings(
