@@ -31,11 +31,13 @@ class LeakyReLUInverter(ActivationInverter):
         positive = y > 0
         top = float(y.abs().max()) if y.numel() else 0.0
         uncertain = y.abs() <= options.zero_rtol * top
-        derivative = torch.where(positive, 1.0, slope).to(y.dtype)
+        # Built in y's dtype: a float32 0.2 would be off by 1.5e-8, far above float64's noise.
+        one, low = torch.ones_like(y), torch.full_like(y, slope)
+        derivative = torch.where(positive, one, low)
         return Backward(
             derivative=derivative,
             pre_activation=torch.where(positive, y, y / slope),
             recoverable=torch.ones_like(y, dtype=torch.bool),
             uncertain=uncertain,
-            alt_derivative=torch.where(positive, slope, 1.0).to(y.dtype),
+            alt_derivative=torch.where(positive, low, one),
         )
