@@ -189,10 +189,14 @@ class ServerConfig:
         the SuperNodes of the federation or the server waits forever.
     fraction_train : float
         Fraction of the connected clients sampled for training each round.
+    round_timeout : float
+        Seconds the server waits for a round's replies; a client that has not replied
+        by then is left out of the round (Flower's ``Strategy.start(timeout=...)``).
     """
 
     min_clients: int
     fraction_train: float
+    round_timeout: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,6 +328,13 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
             fix="keep it at most the number of SuperNodes, or the server waits forever",
         ),
         "fraction-train": _Key(float, "a float in (0, 1]", _probability),
+        "round-timeout": _Key(
+            float,
+            "a number of seconds > 0 (default 3600)",
+            _positive_float,
+            default=3600.0,
+            fix="a client that has not replied by then is left out of the round",
+        ),
     },
     "attack": {
         "enabled": _Key(bool, "true or false"),
@@ -617,6 +628,7 @@ def _build(values: dict[str, dict[str, Any]], where: str, source: Path) -> Scena
         server=ServerConfig(
             min_clients=server["min-clients"],
             fraction_train=server["fraction-train"],
+            round_timeout=server["round-timeout"],
         ),
         attack=AttackConfig(
             enabled=attack["enabled"],

@@ -80,7 +80,8 @@ def derive_gradients(
     Raises
     ------
     GradientError
-        If a parameter is missing from either side or the shapes differ.
+        If a parameter is missing from either side, the shapes differ, or the reply's
+        values are not floating point or not finite.
     """
     grads: dict[str, torch.Tensor] = {}
     for name in names:
@@ -93,6 +94,18 @@ def derive_gradients(
             raise GradientError(
                 f"parameter {name!r} has shape {after.shape} in the reply but {before.shape} "
                 "in the broadcast model"
+            )
+        if after.dtype.kind != "f":
+            raise GradientError(
+                f"parameter {name!r} has dtype {after.dtype} in the reply; expected floating "
+                f"point like the broadcast model ({before.dtype})"
+            )
+        bad = int(np.size(after) - np.count_nonzero(np.isfinite(after)))
+        if bad:
+            # a NaN/Inf would pass through the difference into the engine's solves
+            raise GradientError(
+                f"parameter {name!r} holds {bad} NaN/Inf value(s) in the reply; the client's "
+                "training diverged or the update was tampered with, so it is not inverted"
             )
         diff = before.astype(np.float64) - after.astype(np.float64)
         grads[name] = torch.from_numpy(diff / lr)
@@ -313,12 +326,15 @@ class MaliciousServer(Strategy):
                 f"({', '.join(records) or 'none'})"
             )
         record = next(iter(records.values()))
+        extra = sorted(set(record) - set(self._model.state_dict()))
+        if extra:
+            raise GradientError(
+                f"the reply has arrays the broadcast model lacks: {', '.join(map(repr, extra))}; "
+                "the client trains another model"
+            )
         update = {name: record[name].numpy() for name in record if name in self._names}
-        dtypes = {np.dtype(a.dtype) for a in update.values()}
-        if not dtypes or any(d.kind != "f" for d in dtypes):
-            raise GradientError(f"the reply's arrays are not floating point ({dtypes})")
-        client_dtype = min(dtypes, key=lambda d: d.itemsize)
         grads = derive_gradients(broadcast, update, self.lr, self._names)
+        client_dtype = min((np.dtype(a.dtype) for a in update.values()), key=lambda d: d.itemsize)
         options = SolveOptions.for_dtype(getattr(torch, client_dtype.name))
         return reconstruct(self._model, grads, self.input_shape, options=options)
 

@@ -9,10 +9,12 @@ into the run folder, and shows a progress bar per round and a closing table.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +28,9 @@ from rich.table import Table
 from fl_attack.config import ScenarioConfig
 from fl_attack.engine import Reconstruction
 from fl_attack.metrics import image_metrics, is_identified
+from fl_attack.reporting.checkpoint import CHECKPOINT_FILE
 from fl_attack.reporting.figures import save_round_grid
-from fl_attack.reporting.files import append_jsonl, write_json
+from fl_attack.reporting.files import append_jsonl, atomic_write, write_json
 from fl_attack.simulation import (
     AUDIT_DIR,
     AuditRecord,
@@ -153,6 +156,35 @@ class LeakRecord:
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready mapping (one line of ``leaks.jsonl``)."""
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> LeakRecord:
+        """Rebuild a record from one parsed line of ``leaks.jsonl`` (the inverse of ``to_json``).
+
+        Raises
+        ------
+        KeyError, TypeError, ValueError
+            If the mapping is not such a line.
+        """
+        values = {f.name: _from_json(f.type, raw[f.name]) for f in fields(cls) if f.name in raw}
+        diagnostics = values.get("diagnostics")
+        if isinstance(diagnostics, Mapping):
+            values["diagnostics"] = DiagnosticsSummary(
+                **{
+                    f.name: _from_json(f.type, diagnostics[f.name])
+                    for f in fields(DiagnosticsSummary)
+                }
+            )
+        return cls(**values)
+
+
+def _from_json(annotation: Any, value: Any) -> Any:
+    """Undo ``files.write_json``'s spelling: lists back to tuples, "inf"/"nan" to floats."""
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, str) and "float" in str(annotation) and value in ("inf", "-inf", "nan"):
+        return float(value)
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,12 +342,61 @@ class LeakRecorder:
     def start(self) -> None:
         """Create the run folder and clear the artefacts a previous run of the name left."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        stale = [self.leaks_path, self.run_dir / SUMMARY_FILE]
+        stale = [self.leaks_path, self.run_dir / SUMMARY_FILE, self.run_dir / CHECKPOINT_FILE]
         stale += list(self.run_dir.glob("round_*.png"))
         stale += list((self.run_dir / AUDIT_DIR).glob("node_*.jsonl"))
         for path in stale:
             path.unlink(missing_ok=True)
         self._start = time.perf_counter()
+
+    def resume(
+        self,
+        done: int,
+        *,
+        accuracy: Mapping[int, float],
+        round_seconds: Mapping[int, float],
+    ) -> int:
+        """Pick a killed run up after its last completed round ``done``.
+
+        The records of rounds ``<= done`` are kept (and reloaded for the summary); those
+        of a round cut mid-way, and a torn last line, are dropped from ``leaks.jsonl``
+        (rewritten atomically), so the redone round is logged exactly once.
+
+        Parameters
+        ----------
+        done : int
+            Rounds completed, from the checkpoint (0: none).
+        accuracy, round_seconds : Mapping[int, float]
+            Per-round figures saved with the checkpoint.
+
+        Returns
+        -------
+        int
+            Records kept.
+        """
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        kept: list[str] = []
+        if self.leaks_path.is_file():
+            for line in self.leaks_path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = LeakRecord.from_json(json.loads(line))
+                except (ValueError, KeyError, TypeError):
+                    continue  # the torn line of a write cut by the kill
+                if record.server_round <= done:
+                    kept.append(line)
+                    self._records.setdefault(record.server_round, []).append(record)
+        text = "".join(line + "\n" for line in kept)
+        atomic_write(self.leaks_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        (self.run_dir / SUMMARY_FILE).unlink(missing_ok=True)
+        self._accuracy.update({int(k): float(v) for k, v in accuracy.items() if k <= done})
+        self._round_seconds.update(
+            {int(k): float(v) for k, v in round_seconds.items() if k <= done}
+        )
+        return len(kept)
+
+    def progress(self) -> tuple[dict[int, float], dict[int, float]]:
+        """Copies of the test accuracy and the attack seconds per round so far."""
+        return dict(self._accuracy), dict(self._round_seconds)
 
     # ------------------------------------------------------------ LeakSink
 

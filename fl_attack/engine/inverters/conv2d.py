@@ -235,8 +235,9 @@ class Conv2dInverter(Inverter):
             scale_k = 1.0 / max(float(np.sqrt(kmat.multiply(kmat).sum() / kmat.shape[0])), 1e-300)
             kmat = kmat * scale_k
             target = target * scale_k
-            kk = torch.from_numpy((kmat.T @ kmat).toarray())
-            normal = torch.kron(torch.eye(c, dtype=torch.float64), gram) + kk
+            normal = torch.from_numpy((kmat.T @ kmat).toarray())
+            for k in range(c):  # the gradient rows repeat per channel: add G^T G in place
+                normal[k * hw : (k + 1) * hw, k * hw : (k + 1) * hw] += gram
             kt_target = torch.from_numpy(kmat.T @ target.numpy())
             rhs = rhs_grad.T.reshape(-1) + kt_target
             solution = solve_spd(normal, rhs, rank_rtol=options.rank_rtol, floor=input_floor)
