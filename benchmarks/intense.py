@@ -117,8 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=50)
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path("results/intense.json"))
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (the engine's solves prefer 1)"
+    )
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     console = Console()
+    console.print(f"torch threads: {torch.get_num_threads()}")
     sets = {name: load_dataset(name, root=args.data_dir, limit=args.n) for name in args.datasets}
     cells = [
         (i, d, a, t)
