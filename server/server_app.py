@@ -96,9 +96,7 @@ class OrderedFedAvg(FedAvg):
         return super().aggregate_train(server_round, sorted(fitting, key=_digest))
 
 
-def reply_problem(
-    reply: Message, layout: dict[str, tuple[tuple[int, ...], np.dtype]]
-) -> str:
+def reply_problem(reply: Message, layout: dict[str, tuple[tuple[int, ...], np.dtype]]) -> str:
     """Why a train reply cannot be averaged into the model, or ``""`` if it can.
 
     Parameters

@@ -16,8 +16,15 @@ from rich.console import Console
 from fl_attack.commands.errors import UsageError
 from fl_attack.config import ScenarioConfig, ScenarioError, load_scenario
 from fl_attack.data import DataError
+from fl_attack.reporting.checkpoint import (
+    SCENARIO_FILE,
+    RunStateError,
+    load_checkpoint,
+    scenario_digest,
+)
+from fl_attack.reporting.leaks import SUMMARY_FILE
 
-__all__ = ["register", "run", "simulate"]
+__all__ = ["register", "resume", "run", "simulate"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,10 +35,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Simulate the scenario's federation (Flower Simulation runtime): honest clients "
             "train, the malicious server inverts each update, and the leak log goes to "
-            "<out-dir>/<name>/ (round_<r>.png, leaks.jsonl, summary.json)."
+            "<out-dir>/<name>/ (round_<r>.png, leaks.jsonl, summary.json). A run that was "
+            "killed continues after its last completed round with --resume RUN_DIR."
         ),
     )
-    p.add_argument("scenario", type=Path, help="scenario TOML file, e.g. scenarios/default.toml")
+    p.add_argument(
+        "scenario",
+        type=Path,
+        nargs="?",
+        default=None,
+        help="scenario TOML file, e.g. scenarios/default.toml (not with --resume)",
+    )
+    p.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue a killed run (its folder, <out-dir>/<name>) after its last completed round",
+    )
     p.add_argument("--name", default=None, help="run name (overrides [run] name)")
     p.add_argument("--rounds", type=int, default=None, help="overrides [run] rounds")
     p.add_argument("--clients", type=int, default=None, help="overrides [data] num-clients")
@@ -46,6 +67,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``fl-attack run``; raises :class:`UsageError` on a bad scenario."""
+    if args.resume is not None:
+        return resume(args)
+    if args.scenario is None:
+        raise UsageError(
+            "fl-attack run: no scenario given; pass a scenario TOML file (e.g. "
+            "scenarios/default.toml), or --resume RUN_DIR to continue a killed run"
+        )
     overrides: dict[str, bool | int | float | str] = {}
     for dotted, value in (
         ("run.name", args.name),
@@ -64,16 +92,95 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     console = Console()
     simulate(scenario, console=console, verbose=args.verbose)
+    _print_artefacts(console, scenario)
+    return 0
+
+
+def resume(args: argparse.Namespace) -> int:
+    """Continue the run in ``args.resume`` after its last completed round.
+
+    Raises
+    ------
+    UsageError
+        If other options come with ``--resume``, or the folder is not a run folder, or
+        its saved scenario or checkpoint is unreadable or inconsistent.
+    """
+    given = [
+        flag
+        for flag, value in (
+            ("SCENARIO", args.scenario),
+            ("--name", args.name),
+            ("--rounds", args.rounds),
+            ("--clients", args.clients),
+            ("--out-dir", args.out_dir),
+            ("--data-dir", args.data_dir),
+        )
+        if value is not None
+    ] + (["--no-attack"] if args.no_attack else [])
+    if given:
+        raise UsageError(
+            f"--resume {args.resume}: {', '.join(given)} cannot be combined with it (a run "
+            f"continues with the settings in its {SCENARIO_FILE}); drop them"
+        )
+    run_dir = args.resume.expanduser().resolve()
+    if not run_dir.is_dir():
+        raise UsageError(
+            f"--resume {args.resume}: no such folder; pass the folder of the run to continue, "
+            "<out-dir>/<name> (e.g. runs/default)"
+        )
+    try:
+        digest = scenario_digest(run_dir)
+        checkpoint = load_checkpoint(run_dir)
+    except RunStateError as exc:
+        raise UsageError(f"--resume {args.resume}: {exc}") from None
+    # the folder may have moved since the run started: it is the run folder now
+    overrides = {"run.out-dir": str(run_dir.parent), "run.name": run_dir.name}
+    try:
+        scenario = load_scenario(run_dir / SCENARIO_FILE, overrides)
+    except ScenarioError as exc:
+        raise UsageError(f"--resume {args.resume}: {exc}") from None
+    if checkpoint is not None and checkpoint.scenario_digest != digest:
+        raise UsageError(
+            f"--resume {args.resume}: {SCENARIO_FILE} was edited after checkpoint.pt was "
+            "written; restore it, or start a new run with fl-attack run SCENARIO"
+        )
+    done = checkpoint.server_round if checkpoint else 0
+    total = scenario.run.rounds
+    console = Console()
+    if done >= total and (run_dir / SUMMARY_FILE).is_file():
+        console.print(
+            f"run {scenario.run.name!r} already finished all {total} rounds; nothing to do "
+            f"(summary: {_relative(run_dir / SUMMARY_FILE)})",
+            markup=False,
+        )
+        return 0
+    console.print(
+        f"resuming run {scenario.run.name!r}: {done} of {total} rounds completed, "
+        f"continuing with round {min(done + 1, total)}",
+        markup=False,
+    )
+    simulate(scenario, console=console, verbose=args.verbose, resume=True)
+    _print_artefacts(console, scenario)
+    return 0
+
+
+def _print_artefacts(console: Console, scenario: ScenarioConfig) -> None:
+    """Say where the run's files are."""
     run_dir = _relative(scenario.run.run_dir)
     if scenario.attack.enabled:
         console.print(f"leak log: {run_dir / 'leaks.jsonl'}", markup=False)
     console.print(f"summary:  {run_dir / 'summary.json'}", markup=False)
     if scenario.attack.enabled:
         console.print(f"pictures: {run_dir / 'round_*.png'}", markup=False)
-    return 0
 
 
-def simulate(scenario: ScenarioConfig, *, console: Console | None, verbose: bool = False) -> None:
+def simulate(
+    scenario: ScenarioConfig,
+    *,
+    console: Console | None,
+    verbose: bool = False,
+    resume: bool = False,
+) -> None:
     """Run ``scenario`` on Flower's Simulation runtime, one SuperNode per client.
 
     Parameters
@@ -84,6 +191,9 @@ def simulate(scenario: ScenarioConfig, *, console: Console | None, verbose: bool
         Progress bars and the closing table.
     verbose : bool
         Keep Flower's INFO logs.
+    resume : bool
+        Continue the run folder after its last completed round (see
+        :func:`server.server_app.run_server`).
 
     Raises
     ------
@@ -109,7 +219,7 @@ def simulate(scenario: ScenarioConfig, *, console: Console | None, verbose: bool
         flwr_logger.setLevel(logging.WARNING)
         flwr_logger.addFilter(_quiet_expected_warnings)
     run_simulation(
-        server_app=make_server_app(scenario, console=console),
+        server_app=make_server_app(scenario, console=console, resume=resume),
         client_app=make_client_app(scenario),
         num_supernodes=scenario.data.num_clients,
         backend_config={
