@@ -25,8 +25,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
+from fl_attack.attacks import ATTACKS, Attack
 from fl_attack.config import ThreatModel
-from fl_attack.engine import EngineError, Reconstruction, SolveOptions, reconstruct, validate
+from fl_attack.engine import EngineError, Reconstruction, SolveOptions
 
 __all__ = ["GradientError", "LeakSink", "MaliciousServer", "derive_gradients"]
 
@@ -131,6 +132,9 @@ class MaliciousServer(Strategy):
     threat_model : ThreatModel
         What the server may do; only ``honest-but-curious`` (read the updates, change
         nothing) exists so far.
+    attack : str
+        The reconstruction method, a key of :data:`fl_attack.attacks.ATTACKS`: ``"rconv"``
+        (analytic, the model must pass its ``validate``) or ``"dlg"`` (gradient matching).
 
     Raises
     ------
@@ -138,8 +142,10 @@ class MaliciousServer(Strategy):
         If ``strategy`` is not a Flower ``Strategy`` or ``model`` not an ``nn.Module``.
     ValueError
         If ``lr`` is not a positive finite number or ``input_shape`` is not positive.
+    fl_attack.attacks.UnknownAttackError
+        If ``attack`` is not registered.
     fl_attack.engine.UnsupportedLayerError
-        If R-CONV cannot invert ``model`` (every offending layer is named).
+        If R-CONV is the attack and cannot invert ``model`` (every offending layer is named).
 
     Notes
     -----
@@ -162,6 +168,7 @@ class MaliciousServer(Strategy):
         lr: float,
         sink: LeakSink | None = None,
         threat_model: ThreatModel = ThreatModel.HONEST_BUT_CURIOUS,
+        attack: str = "rconv",
     ) -> None:
         super().__init__()
         if not isinstance(strategy, Strategy):
@@ -185,7 +192,8 @@ class MaliciousServer(Strategy):
             raise ValueError(
                 f"MaliciousServer: unknown threat_model {threat_model!r}; choose one of {allowed}"
             ) from None
-        validate(model, shape)
+        self.attack: Attack = ATTACKS[attack]  # an unknown name lists the registered ones
+        self.attack.validate(model, shape)
         self.strategy = strategy
         self.threat_model = threat
         self.lr = float(lr)
@@ -267,7 +275,7 @@ class MaliciousServer(Strategy):
     def _attack_round(
         self, server_round: int, replies: list[Message], broadcast: dict[str, np.ndarray]
     ) -> None:
-        """Invert each reply of one round and hand results to the sink."""
+        """Derive every reply's gradient, attack the round in one call, feed the sink."""
         start = time.perf_counter()
         with torch.no_grad():
             for name, param in self._model.named_parameters():
@@ -275,37 +283,33 @@ class MaliciousServer(Strategy):
                     param.copy_(torch.from_numpy(broadcast[name]))
         if self.sink is not None:
             self.sink.begin_round(server_round, len(replies))
-        leaked = 0
+        # One attack call per client precision: the clients of a round share the weights, so
+        # whatever depends on them alone is worked out once for all of them.
+        batches: dict[torch.dtype, list[tuple[int, dict[str, torch.Tensor]]]] = {}
         for reply in replies:
             node_id = int(reply.metadata.src_node_id)
             if reply.has_error():
-                reason = f"client error: {reply.error.reason}"
-                log(
-                    WARNING,
-                    "MaliciousServer.aggregate_train: round %s, node %s: %s",
-                    server_round,
-                    node_id,
-                    reason,
-                )
-                if self.sink is not None:
-                    self.sink.record_failure(server_round, node_id, reason)
+                self._failed(server_round, node_id, f"client error: {reply.error.reason}")
                 continue
             try:
-                result = self._invert(reply, broadcast)
-            except (EngineError, GradientError) as exc:
-                log(
-                    WARNING,
-                    "MaliciousServer.aggregate_train: round %s, node %s: reconstruction failed: %s",
-                    server_round,
-                    node_id,
-                    exc,
-                )
-                if self.sink is not None:
-                    self.sink.record_failure(server_round, node_id, f"{type(exc).__name__}: {exc}")
+                grads, dtype = self._gradients(reply, broadcast)
+            except GradientError as exc:
+                self._failed(server_round, node_id, f"{type(exc).__name__}: {exc}")
                 continue
-            leaked += 1
-            if self.sink is not None:
-                self.sink.record_leak(server_round, node_id, result)
+            batches.setdefault(dtype, []).append((node_id, grads))
+        leaked = 0
+        for dtype, batch in batches.items():
+            options = SolveOptions.for_dtype(dtype) if self.attack.analytic else None
+            results = self.attack(
+                self._model, [grads for _, grads in batch], self.input_shape, options=options
+            )
+            for (node_id, _), result in zip(batch, results, strict=True):
+                if isinstance(result, EngineError):
+                    self._failed(server_round, node_id, f"{type(result).__name__}: {result}")
+                    continue
+                leaked += 1
+                if self.sink is not None:
+                    self.sink.record_leak(server_round, node_id, result)
         if self.sink is not None:
             self.sink.end_round(server_round)
         log(
@@ -317,8 +321,22 @@ class MaliciousServer(Strategy):
             time.perf_counter() - start,
         )
 
-    def _invert(self, reply: Message, broadcast: dict[str, np.ndarray]) -> Reconstruction:
-        """Derive one reply's gradient and run the engine on it."""
+    def _failed(self, server_round: int, node_id: int, reason: str) -> None:
+        """Log and record one client whose update was not inverted."""
+        log(
+            WARNING,
+            "MaliciousServer.aggregate_train: round %s, node %s: %s",
+            server_round,
+            node_id,
+            reason,
+        )
+        if self.sink is not None:
+            self.sink.record_failure(server_round, node_id, reason)
+
+    def _gradients(
+        self, reply: Message, broadcast: dict[str, np.ndarray]
+    ) -> tuple[dict[str, torch.Tensor], torch.dtype]:
+        """One reply's gradient and the precision the client computed it in."""
         records = reply.content.array_records
         if len(records) != 1:
             raise GradientError(
@@ -335,8 +353,7 @@ class MaliciousServer(Strategy):
         update = {name: record[name].numpy() for name in record if name in self._names}
         grads = derive_gradients(broadcast, update, self.lr, self._names)
         client_dtype = min((np.dtype(a.dtype) for a in update.values()), key=lambda d: d.itemsize)
-        options = SolveOptions.for_dtype(getattr(torch, client_dtype.name))
-        return reconstruct(self._model, grads, self.input_shape, options=options)
+        return grads, getattr(torch, client_dtype.name)
 
 
 @contextmanager

@@ -15,7 +15,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
-import server.malicious as malicious
 from fl_attack.config import ThreatModel
 from fl_attack.data import load_dataset
 from fl_attack.engine import Reconstruction, SolveOptions, UnsupportedLayerError
@@ -150,18 +149,23 @@ def test_wrapper_hands_the_engine_the_hand_computed_gradient(
     update = _client_update(model, images[0], int(labels[0]))
     captured: dict = {}
 
-    def spy(
-        model_: nn.Module,
-        gradients: dict[str, torch.Tensor],
-        input_shape: tuple[int, ...],
-        *,
-        options: SolveOptions | None = None,
-    ) -> Reconstruction:
-        captured.update(gradients=gradients, options=options, shape=input_shape)
-        return Reconstruction(torch.zeros(SHAPE, dtype=torch.float64), 0, (), 0.0)
+    class Spy:
+        analytic = True
 
-    monkeypatch.setattr(malicious, "reconstruct", spy)
+        def __call__(
+            self,
+            model_: nn.Module,
+            gradients: list[dict[str, torch.Tensor]],
+            input_shape: tuple[int, ...],
+            *,
+            options: SolveOptions | None = None,
+        ) -> list[Reconstruction]:
+            (only,) = gradients  # one reply: one client in the round's batch
+            captured.update(gradients=only, options=options, shape=input_shape)
+            return [Reconstruction(torch.zeros(SHAPE, dtype=torch.float64), 0, (), 0.0)]
+
     strategy = MaliciousServer(FedAvg(), model=model, input_shape=SHAPE, lr=LR)
+    monkeypatch.setattr(strategy, "attack", Spy())
     _configured(strategy, global_arrays)
     # Execute
     strategy.aggregate_train(1, [_make_reply(update, 1, 11)])
