@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fl_attack.commands.errors import UsageError
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     }
     js = write_json(out / "result.json", record)
 
-    summary = Table(title=f"R-CONV on {tag}", title_justify="left")
+    summary = Table(title=escape(f"R-CONV on {tag}"), title_justify="left")
     summary.add_column("metric")
     summary.add_column("value", justify="right")
     summary.add_row("PSNR (dB, MAX=1)", f"{metrics.psnr:.2f}")
@@ -110,10 +111,10 @@ def run(args: argparse.Namespace) -> int:
     console.print(summary)
     console.print(diagnostics_table(result))
     for warning in result.warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
     for note in result.notes:
-        console.print(f"note: {note}")
+        console.print(f"note: {note}", markup=False)
     if result.exact:
         console.print("[green]every layer fully determined[/]")
-    console.print(f"picture: {png}\nresult:  {js}")
+    console.print(f"picture: {png}\nresult:  {js}", markup=False)
     return 0

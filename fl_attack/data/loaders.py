@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -360,9 +361,97 @@ def _npz_problem(
     return ""
 
 
+_CIFAR_PYTHON: dict[str, tuple[tuple[str, ...], str, str, str]] = {
+    # batches, meta file, label key, class-name key (torchvision's cifar.py layout)
+    "CIFAR10": (
+        tuple(f"data_batch_{i}" for i in range(1, 6)),
+        "batches.meta",
+        "labels",
+        "label_names",
+    ),
+    "CIFAR100": (("train",), "meta", "fine_labels", "fine_label_names"),
+}
+
+# What a CIFAR python batch may contain besides plain containers: numpy arrays, no code.
+_SAFE_GLOBALS = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+)
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """An unpickler that builds only plain containers and numpy arrays, never calls code."""
+
+    def find_class(self, module: str, name: str) -> object:
+        """Refuse every global outside :data:`_SAFE_GLOBALS`."""
+        if (module, name) not in _SAFE_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"refused to load {module}.{name}: a CIFAR batch holds only arrays"
+            )
+        return super().find_class(module, name)
+
+
+def _read_cifar_pickle(path: Path) -> dict[str, object]:
+    """One CIFAR python file, read without running any code it may carry."""
+    with path.open("rb") as handle:
+        entry = _SafeUnpickler(handle, encoding="latin1").load()
+    if not isinstance(entry, dict):
+        raise pickle.UnpicklingError(f"expected a dict, found {type(entry).__name__}")
+    return entry
+
+
+def _load_cifar_python(canonical: str, folder: Path, limit: int | None) -> ImageSet:
+    """The training split from torchvision's CIFAR python folder, unpickled safely."""
+    batches, meta_name, label_key, names_key = _CIFAR_PYTHON[canonical]
+    base = folder / _TORCHVISION[canonical][1]
+    where = f"torchvision {canonical} in {str(base)!r}"
+    images: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    try:
+        for name in batches:
+            if limit is not None and sum(len(x) for x in labels) >= limit:
+                break  # the first `limit` images are all that is asked for
+            entry = _read_cifar_pickle(base / name)
+            data = np.asarray(entry["data"], dtype=np.uint8)
+            images.append(data.reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE).transpose(0, 2, 3, 1))
+            labels.append(np.asarray(entry[label_key], dtype=np.int64).reshape(-1))
+            if images[-1].shape[0] != labels[-1].shape[0]:
+                count = f"{images[-1].shape[0]} images, {labels[-1].shape[0]} labels"
+                raise ValueError(f"{name} holds {count}")
+        classes = tuple(str(c) for c in _read_cifar_pickle(base / meta_name)[names_key])
+    except (OSError, EOFError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as exc:
+        raise DataError(
+            f"{where}: cannot read the training batches ({type(exc).__name__}: {exc}); "
+            f"replace the folder with the original cifar python files, or {_FIX}"
+        ) from None
+    all_images = np.concatenate(images)
+    all_labels = np.concatenate(labels)
+    if all_labels.size and (all_labels.min() < 0 or all_labels.max() >= len(classes)):
+        raise DataError(f"{where}: labels exceed the {len(classes)} classes; {_FIX}")
+    keep = _check_limit(where, limit, all_images.shape[0], "pass a smaller limit")
+    return ImageSet(
+        name=canonical,
+        images=_seed_transform(_uint8_to_float(all_images[:keep])),
+        labels=torch.from_numpy(all_labels[:keep].copy()),
+        classes=classes,
+        source=str(folder),
+    )
+
+
 def _load_torchvision(canonical: str, folder: Path, limit: int | None, download: bool) -> ImageSet:
-    """Ask torchvision for the training split, then slice only the first ``limit`` images."""
+    """Ask torchvision for the training split, then slice only the first ``limit`` images.
+
+    CIFAR's python batches are pickles: once present they are read by
+    :func:`_load_cifar_python`, which builds nothing but arrays, instead of by
+    torchvision's ``pickle.load``.
+    """
     dataset_cls, subfolder = _TORCHVISION[canonical]
+    if canonical in _CIFAR_PYTHON and (folder / subfolder).is_dir():
+        return _load_cifar_python(canonical, folder, limit)
     try:
         dataset = dataset_cls(str(folder), train=True, download=download)
     except (RuntimeError, OSError) as exc:

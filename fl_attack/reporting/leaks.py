@@ -499,7 +499,7 @@ class LeakRecorder:
                 captions,
                 headers=headers,
                 title=(
-                    f"{self.scenario.run.name}: round {server_round}, "
+                    f"{_literal(self.scenario.run.name)}: round {server_round}, "
                     f"{self.fed.name} on {self.scenario.model.name} "
                     f"({self.scenario.model.activation}) - originals above, leaked below"
                 ),
@@ -698,6 +698,11 @@ def _db(value: float | None) -> str:
 def _pct(value: float | None) -> str:
     """A fraction as a percentage for the table."""
     return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _literal(text: str) -> str:
+    """User text for a matplotlib title: a ``$`` would open math mode (and may not parse)."""
+    return text.replace("$", r"\$")
 
 
 def _header(record: LeakRecord) -> str:
