@@ -18,6 +18,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from fl_attack.attacks import ATTACKS
 from fl_attack.data import DATA_DIR_ENV, DATASETS, DataError, canonical_name, default_data_dir
 from fl_attack.models import ACTIVATIONS, ARCHITECTURES, Init
 
@@ -209,10 +210,17 @@ class AttackConfig:
         Wrap FedAvg in :class:`server.malicious.MaliciousServer`.
     threat_model : ThreatModel
         What the server may do.
+    method : str
+        The reconstruction method, one of :data:`fl_attack.attacks.ATTACKS` (``rconv``, the
+        analytic engine; ``dlg``, the gradient-matching baseline).
+    dlg_iterations : int
+        Most outer L-BFGS steps the ``dlg`` method takes per client.
     """
 
     enabled: bool
     threat_model: ThreatModel
+    method: str = "rconv"
+    dlg_iterations: int = 300
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,6 +348,12 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "enabled": _Key(bool, "true or false"),
         "threat-model": _Key(
             str, f"one of {', '.join(t.value for t in ThreatModel)}", _choice(tuple(ThreatModel))
+        ),
+        "method": _Key(
+            str, f"one of {', '.join(ATTACKS)}", _choice(tuple(ATTACKS)), default="rconv"
+        ),
+        "dlg-iterations": _Key(
+            int, "an int >= 1 (L-BFGS steps of the dlg method)", _positive_int, default=300
         ),
     },
 }
@@ -633,6 +647,8 @@ def _build(values: dict[str, dict[str, Any]], where: str, source: Path) -> Scena
         attack=AttackConfig(
             enabled=attack["enabled"],
             threat_model=ThreatModel(attack["threat-model"]),
+            method=attack["method"],
+            dlg_iterations=attack["dlg-iterations"],
         ),
         source=source,
     )
