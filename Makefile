@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench bench-speed clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/intense.py --n 100
+
+bench-speed: setup
+	$(BIN)/python benchmarks/speed.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
