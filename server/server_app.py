@@ -21,6 +21,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from rich.console import Console
 from torch import nn
 
+from fl_attack.attacks import DLGOptions
 from fl_attack.config import ScenarioConfig, from_run_config
 from fl_attack.reporting.checkpoint import (
     Checkpoint,
@@ -64,21 +65,34 @@ class OrderedFedAvg(FedAvg):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._layouts: dict[int, dict[str, tuple[tuple[int, ...], np.dtype]]] = {}
+        self._sampled: dict[int, set[int]] = {}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Remember the broadcast arrays' names, shapes and dtypes, then delegate."""
+        """Remember the broadcast arrays' layout and the nodes sampled, then delegate."""
         self._layouts[server_round] = {
             name: (tuple(array.shape), np.dtype(array.dtype)) for name, array in arrays.items()
         }
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._sampled[server_round] = {int(m.metadata.dst_node_id) for m in messages}
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """FedAvg's aggregate of the replies that fit the broadcast model, in digest order."""
         layout = self._layouts.pop(server_round, None)
+        replies = list(replies)
+        answered = {int(reply.metadata.src_node_id) for reply in replies}
+        for node_id in sorted(self._sampled.pop(server_round, set()) - answered):
+            log(
+                WARNING,
+                "OrderedFedAvg.aggregate_train: round %s, node %s: no reply within the round "
+                "timeout ([server] round-timeout); the round goes on without it",
+                server_round,
+                node_id,
+            )
         fitting = []
         for reply in replies:
             problem = "" if layout is None else reply_problem(reply, layout)
@@ -238,6 +252,8 @@ def build_strategy(
         lr=scenario.client.lr,
         sink=sink,
         threat_model=scenario.attack.threat_model,
+        attack=scenario.attack.method,
+        dlg_options=DLGOptions(max_iterations=scenario.attack.dlg_iterations),
     )
 
 

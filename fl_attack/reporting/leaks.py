@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 import time
 from collections.abc import Mapping
@@ -457,7 +458,8 @@ class LeakRecorder:
         self._add(record, self.fed.images[index], result.image)
 
     def record_failure(self, server_round: int, node_id: int, reason: str) -> None:
-        """Log an update that could not be inverted."""
+        """Log an update that could not be inverted (a runtime's traceback cut to its cause)."""
+        reason = _one_line(reason)
         audit = read_audit(self.run_dir, server_round, node_id)
         record = LeakRecord(
             server_round=server_round,
@@ -698,6 +700,27 @@ def _db(value: float | None) -> str:
 def _pct(value: float | None) -> str:
     """A fraction as a percentage for the table."""
     return "-" if value is None else f"{100 * value:.1f}%"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RAISED = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)): *(.*)$", re.MULTILINE)
+
+
+def _one_line(reason: str) -> str:
+    """A failure reason as one line: a client's remote traceback becomes ``Type: message``.
+
+    Flower's Simulation runtime reports a ClientApp exception with the whole Ray
+    traceback (colour codes included); the leak log keeps the first exception raised.
+    """
+    text = _ANSI.sub("", reason)
+    if "\n" not in text:
+        return text
+    prefix = text.split(":", 1)[0] if text.startswith("client error:") else ""
+    for match in _RAISED.finditer(text):
+        kind, message = match.group(1).rsplit(".", 1)[-1], match.group(2).strip()
+        if kind != "ClientAppException" and message:
+            return f"{prefix}: {kind}: {message}" if prefix else f"{kind}: {message}"
+    return " ".join(text.split())
 
 
 def _literal(text: str) -> str:
