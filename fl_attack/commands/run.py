@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 from rich.console import Console
@@ -90,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         scenario = load_scenario(args.scenario, overrides)
     except ScenarioError as exc:
         raise UsageError(str(exc)) from None
+    _check_writable(scenario.run.run_dir)
     console = Console()
     simulate(scenario, console=console, verbose=args.verbose)
     _print_artefacts(console, scenario)
@@ -162,6 +164,20 @@ def resume(args: argparse.Namespace) -> int:
     simulate(scenario, console=console, verbose=args.verbose, resume=True)
     _print_artefacts(console, scenario)
     return 0
+
+
+def _check_writable(run_dir: Path) -> None:
+    """Fail now, not inside the runtime, when the run folder cannot be written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as exc:
+        raise UsageError(
+            f"[run] out-dir: cannot write the run folder {str(run_dir)!r} "
+            f"({exc.strerror or type(exc).__name__}); fix: set [run] out-dir (or --out-dir) "
+            "to a folder you can write, or change [run] name (--name)"
+        ) from None
 
 
 def _print_artefacts(console: Console, scenario: ScenarioConfig) -> None:

@@ -45,6 +45,11 @@ CASES: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = [
         ("[data] data-dir", "is not a folder"),
     ),
     ("unknown-flag", ("run", DEFAULT, "--turns", "2"), ("unrecognized arguments: --turns",)),
+    (
+        "run-out-dir-is-a-file",
+        ("run", DEFAULT, "--out-dir", str(REPO / "README.md")),
+        ("[run] out-dir: cannot write the run folder", "README.md/default", "--out-dir"),
+    ),
     ("reconstruct-unknown-dataset", ("reconstruct", "-d", "imagenet"), ("unknown dataset",)),
     (
         "reconstruct-index-out-of-range",
