@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fl_attack.engine.registry import Shape, inverter_for, registered_types
+from fl_attack.engine.shared import shared_round
 from fl_attack.engine.types import (
     EngineError,
     LayerDiagnostics,
@@ -319,13 +320,16 @@ def reconstruct_many(
         error in place of a result, so one bad update does not stop the round.
     """
     results: list[Reconstruction | EngineError] = []
-    for client in gradients:
-        try:
-            results.append(
-                reconstruct(model, client, input_shape, options=options, input_floor=input_floor)
-            )
-        except EngineError as exc:
-            results.append(exc)
+    with shared_round():  # e.g. each conv layer's K^T K, built once for every client
+        for client in gradients:
+            try:
+                results.append(
+                    reconstruct(
+                        model, client, input_shape, options=options, input_floor=input_floor
+                    )
+                )
+            except EngineError as exc:
+                results.append(exc)
     return results
 
 

@@ -15,9 +15,11 @@ from fl_attack.engine import (
     UnsupportedLayerError,
     check,
     reconstruct,
+    reconstruct_many,
     single_sample_gradients,
     validate,
 )
+from fl_attack.engine.inverters import conv2d
 from fl_attack.models import build_model
 
 
@@ -192,3 +194,34 @@ def test_random_conv_stacks_exact_when_accepted(
             validate(model, shape, probe=True)
     else:
         torch.testing.assert_close(result.image, x, rtol=1e-5, atol=1e-6)
+
+
+def test_reconstruct_many_equals_one_at_a_time_and_builds_weight_work_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: one round, three clients, one of them with a gradient that does not fit.
+    model = build_model("rconv-main", activation="ReLU", in_channels=1, num_classes=10, seed=14)
+    images = torch.rand(3, 1, 32, 32)
+    grads = [single_sample_gradients(model, x, i) for i, x in enumerate(images)]
+    bad = {name: g[..., :1] for name, g in grads[0].items()}
+    singles = [reconstruct(model, g, (1, 32, 32)) for g in grads]
+    calls: list[int] = []
+    real = conv2d._weight_normal
+
+    def counting(layer, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(id(layer))
+        return real(layer, *args, **kwargs)
+
+    monkeypatch.setattr(conv2d, "_weight_normal", counting)
+    # Execute
+    many = reconstruct_many(model, [*grads, bad], (1, 32, 32))
+    # Assert: same images as one at a time; the bad client gets its error, in its place.
+    assert len(many) == 4
+    assert isinstance(many[3], ReconstructionError)
+    for one, batch in zip(singles, many[:3], strict=True):
+        assert not isinstance(batch, ReconstructionError)
+        torch.testing.assert_close(batch.image, one.image, rtol=1e-9, atol=1e-12)
+        assert batch.label == one.label
+    # Each layer solved with weight constraints had its K^T K built once for all clients.
+    assert calls
+    assert len(calls) == len(set(calls))

@@ -13,6 +13,7 @@ from scipy import sparse
 from torch import nn
 
 from fl_attack.engine.registry import Inverter, Shape, register_inverter
+from fl_attack.engine.shared import per_round
 from fl_attack.engine.solve import solve_spd
 from fl_attack.engine.types import LayerDiagnostics, Signal, SolveOptions
 
@@ -229,13 +230,21 @@ class Conv2dInverter(Inverter):
             if bias is not None:
                 target = target - bias[:, None]
             target = target.reshape(-1)[known]
-            fij, pq, u, v, (f_out, ho, wo) = conv_geometry(layer, input_shape)
-            kmat = _weight_matrix(weight, fij, pq, u, v, (c, h, w), f_out * ho * wo)
-            kmat = kmat[known.numpy()]
-            scale_k = 1.0 / max(float(np.sqrt(kmat.multiply(kmat).sum() / kmat.shape[0])), 1e-300)
-            kmat = kmat * scale_k
+            kfull, kk_full, row_sq = per_round(
+                ("conv2d-weight-normal", id(layer), tuple(input_shape)),
+                lambda: _weight_normal(layer, weight, input_shape),
+            )
+            rows = known.numpy()
+            scale_k = 1.0 / max(float(np.sqrt(row_sq[rows].mean())), 1e-300)
+            kmat = kfull[rows] * scale_k
             target = target * scale_k
-            normal = torch.from_numpy((kmat.T @ kmat).toarray())
+            # K^T K of the known rows: the round's full product minus the few unknown rows.
+            kk = kk_full.copy()
+            if not rows.all():
+                dropped = kfull[~rows]
+                down = (dropped.T @ dropped).tocoo()
+                np.subtract.at(kk, (down.row, down.col), down.data)
+            normal = torch.from_numpy(kk * scale_k**2)
             for k in range(c):  # the gradient rows repeat per channel: add G^T G in place
                 normal[k * hw : (k + 1) * hw, k * hw : (k + 1) * hw] += gram
             kt_target = torch.from_numpy(kmat.T @ target.numpy())
@@ -270,6 +279,17 @@ class Conv2dInverter(Inverter):
         )
         signal = Signal(value=z, known=determined.clone(), grad=d_in[0])
         return signal, diag
+
+
+def _weight_normal(
+    layer: nn.Conv2d, weight: torch.Tensor, input_shape: Shape
+) -> tuple[sparse.csr_matrix, np.ndarray, np.ndarray]:
+    """``K`` (every output row), dense ``K^T K`` and the squared row norms: weights only."""
+    c, h, w = input_shape
+    fij, pq, u, v, (f_out, ho, wo) = conv_geometry(layer, input_shape)
+    kmat = _weight_matrix(weight, fij, pq, u, v, (c, h, w), f_out * ho * wo)
+    row_sq = np.asarray(kmat.multiply(kmat).sum(axis=1)).ravel()
+    return kmat, (kmat.T @ kmat).toarray(), row_sq
 
 
 def _weight_matrix(
