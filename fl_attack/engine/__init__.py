@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fl_attack.engine import inverters as _inverters  # noqa: F401  (fills the registry)
+from fl_attack.engine.evidence import Evidence, Verdict, gather_evidence
 from fl_attack.engine.oracle import LayerTrace, assert_all_close, trace
 from fl_attack.engine.reconstruct import (
     check,
@@ -26,6 +27,7 @@ from fl_attack.engine.types import (
 __all__ = [
     "INVERTERS",
     "EngineError",
+    "Evidence",
     "Inverter",
     "LayerDiagnostics",
     "LayerTrace",
@@ -34,8 +36,10 @@ __all__ = [
     "Signal",
     "SolveOptions",
     "UnsupportedLayerError",
+    "Verdict",
     "assert_all_close",
     "check",
+    "gather_evidence",
     "layer_chain",
     "reconstruct",
     "reconstruct_many",

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fl_attack.engine.evidence import gather_evidence
 from fl_attack.engine.registry import Shape, inverter_for, registered_types
 from fl_attack.engine.shared import shared_round
 from fl_attack.engine.types import (
@@ -286,13 +287,17 @@ def reconstruct(
     last_bias = named[prefix[chain[-1][0]] + "bias"]
     label = int(last_bias.argmin())
     warnings, notes = _findings(diagnostics, last_bias, options)
+    image = signal.value.reshape(shape)
+    # Was this one sample's gradient at all? (noise, a batch, several steps: estimate only)
+    evidence = gather_evidence(model, named, image, label, tuple(diagnostics), options)
     return Reconstruction(
-        image=signal.value.reshape(shape),
+        image=image,
         label=label,
         layers=tuple(diagnostics),
         seconds=time.perf_counter() - start,
         warnings=tuple(warnings),
         notes=tuple(notes),
+        evidence=evidence,
     )
 
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from fl_attack.engine.evidence import Evidence
 
 __all__ = [
     "EngineError",
@@ -173,6 +177,9 @@ class Reconstruction:
     notes : tuple[str, ...]
         Information lost without leaving the input open (saturated units, directions
         pinned by activation zeros).
+    evidence : Evidence or None
+        Whether the gradients were one sample's at all (``leak``), or noised, or a sum
+        of several samples or steps; see :mod:`fl_attack.engine.evidence`.
     """
 
     image: torch.Tensor
@@ -181,6 +188,7 @@ class Reconstruction:
     seconds: float
     warnings: tuple[str, ...] = field(default=())
     notes: tuple[str, ...] = field(default=())
+    evidence: Evidence | None = field(default=None)
 
     @property
     def exact(self) -> bool:
