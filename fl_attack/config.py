@@ -28,12 +28,15 @@ __all__ = [
     "AttackConfig",
     "ClientConfig",
     "DataConfig",
+    "DefenseConfig",
+    "DefenseKind",
     "ModelConfig",
     "Partitioning",
     "RunConfig",
     "ScenarioConfig",
     "ScenarioError",
     "ServerConfig",
+    "SweepConfig",
     "ThreatModel",
     "from_run_config",
     "load_scenario",
@@ -193,11 +196,19 @@ class ServerConfig:
     round_timeout : float
         Seconds the server waits for a round's replies; a client that has not replied
         by then is left out of the round (Flower's ``Strategy.start(timeout=...)``).
+    dp_clip_norm : float or None
+        Set: FedAvg is wrapped by Flower's ``DifferentialPrivacyServerSideFixedClipping``
+        (each update clipped to this norm, Gaussian noise on the aggregate). It sits
+        inside the malicious wrapper, which still reads every raw update.
+    dp_noise_multiplier : float
+        That wrapper's noise multiplier (noise std = multiplier x clip norm / clients).
     """
 
     min_clients: int
     fraction_train: float
     round_timeout: float = 3600.0
+    dp_clip_norm: float | None = None
+    dp_noise_multiplier: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +234,78 @@ class AttackConfig:
     dlg_iterations: int = 300
 
 
+class DefenseKind(StrEnum):
+    """What a client does to its update before replying (``[defense] kind``)."""
+
+    NONE = "none"
+    GAUSSIAN = "gaussian"
+    LAPLACE = "laplace"
+    CLIP_GAUSSIAN = "clip-gaussian"
+    TOP_K = "top-k"
+    QUANTIZE = "quantize"
+
+
+@dataclass(frozen=True, slots=True)
+class DefenseConfig:
+    """The clients' defense (``[defense]``, optional; every key has a default).
+
+    Attributes
+    ----------
+    kind : DefenseKind
+        ``none``, ``gaussian`` / ``laplace`` (noise of ``scale``), ``clip-gaussian`` (clip
+        to ``clip-norm``, then Gaussian noise of ``noise-multiplier x clip-norm``),
+        ``top-k`` (keep ``fraction`` of each tensor) or ``quantize`` (``format``).
+    scale : float
+        Noise standard deviation (Gaussian) or scale ``b`` (Laplace), in weight units.
+    relative : bool
+        ``scale`` is relative to the update's L2 norm.
+    clip_norm : float or None
+        L2 bound of the update (``clip-gaussian``).
+    noise_multiplier : float
+        Noise std over ``clip_norm`` (``clip-gaussian``).
+    delta : float
+        The delta of the (epsilon, delta) reported for ``clip-gaussian``.
+    fraction : float
+        Share of entries ``top-k`` keeps.
+    format : str
+        ``fp16`` or ``int8`` (``quantize``).
+    """
+
+    kind: DefenseKind = DefenseKind.NONE
+    scale: float = 0.0
+    relative: bool = False
+    clip_norm: float | None = None
+    noise_multiplier: float = 0.0
+    delta: float = 1e-5
+    fraction: float = 1.0
+    format: str = "fp16"
+
+
+@dataclass(frozen=True, slots=True)
+class SweepConfig:
+    """A grid of runs for ``fl-attack sweep`` (``[sweep]``, optional).
+
+    Attributes
+    ----------
+    axis : str
+        The ``table.key`` the grid varies (``defense.scale``, ``client.batch-size``).
+    values : tuple of float or int
+        Its values, weakest defense first.
+    seeds : tuple of int
+        ``[run] seed`` of the repetitions of each point.
+    axis2 : str or None
+        An optional second ``table.key``.
+    values2 : tuple of float or int
+        Its values.
+    """
+
+    axis: str
+    values: tuple[float | int, ...]
+    seeds: tuple[int, ...]
+    axis2: str | None = None
+    values2: tuple[float | int, ...] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class ScenarioConfig:
     """A whole scenario, parsed once.
@@ -233,6 +316,10 @@ class ScenarioConfig:
         One sub-config per TOML table.
     source : Path or None
         The scenario file it was read from.
+    defense : DefenseConfig
+        ``[defense]`` (no defense when the table is absent).
+    sweep : SweepConfig or None
+        ``[sweep]``, read by ``fl-attack sweep`` only.
     """
 
     run: RunConfig
@@ -242,6 +329,8 @@ class ScenarioConfig:
     server: ServerConfig
     attack: AttackConfig
     source: Path | None = None
+    defense: DefenseConfig = DefenseConfig()
+    sweep: SweepConfig | None = None
 
 
 # ---------------------------------------------------------------- schema
@@ -274,6 +363,23 @@ def _probability(value: float) -> bool:
 
 def _positive_float(value: float) -> bool:
     return math.isfinite(value) and value > 0.0
+
+
+def _non_negative(value: float) -> bool:
+    return math.isfinite(value) and value >= 0.0
+
+
+def _numbers(value: list[Any]) -> bool:
+    return bool(value) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        for v in value
+    )
+
+
+def _seeds(value: list[Any]) -> bool:
+    return bool(value) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    )
 
 
 def _name(value: str) -> bool:
@@ -343,6 +449,13 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
             default=3600.0,
             fix="a client that has not replied by then is left out of the round",
         ),
+        "dp-clip-norm": _Key(
+            float,
+            "a float > 0 (omit the key for no server-side DP)",
+            _positive_float,
+            default=None,
+        ),
+        "dp-noise-multiplier": _Key(float, "a float >= 0", _non_negative, default=0.0),
     },
     "attack": {
         "enabled": _Key(bool, "true or false"),
@@ -356,9 +469,36 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
             int, "an int >= 1 (L-BFGS steps of the dlg method)", _positive_int, default=300
         ),
     },
+    "defense": {
+        "kind": _Key(
+            str,
+            f"one of {', '.join(k.value for k in DefenseKind)}",
+            _choice(tuple(DefenseKind)),
+            default="none",
+        ),
+        "scale": _Key(float, "a float >= 0", _non_negative, default=0.0),
+        "relative": _Key(bool, "true or false", default=False),
+        "clip-norm": _Key(float, "a float > 0", _positive_float, default=None),
+        "noise-multiplier": _Key(float, "a float >= 0", _non_negative, default=0.0),
+        "delta": _Key(float, "a float in (0, 1)", lambda v: 0.0 < v < 1.0, default=1e-5),
+        "fraction": _Key(float, "a float in (0, 1]", _probability, default=1.0),
+        "format": _Key(str, "one of fp16, int8", _choice(("fp16", "int8")), default="fp16"),
+    },
+    "sweep": {
+        "axis": _Key(str, "a numeric scenario key as table.key, e.g. defense.scale"),
+        "values": _Key(list, "a non-empty list of numbers", _numbers),
+        "seeds": _Key(list, "a non-empty list of ints >= 0 ([run] seed of each repeat)", _seeds),
+        "axis2": _Key(str, "a numeric scenario key as table.key", default=None),
+        "values2": _Key(list, "a non-empty list of numbers", _numbers, default=None),
+    },
 }
 
-OVERRIDE_KEYS: tuple[str, ...] = tuple(f"{t}.{k}" for t, keys in _SCHEMA.items() for k in keys)
+_OPTIONAL_TABLES = ("defense", "sweep")
+"""Tables a scenario may leave out (every key has a default, or the command needs none)."""
+
+OVERRIDE_KEYS: tuple[str, ...] = tuple(
+    f"{t}.{k}" for t, keys in _SCHEMA.items() if t != "sweep" for k in keys
+)
 """Every key an override may set, as ``table.key``."""
 
 RUN_CONFIG_KEYS: dict[str, str] = {
@@ -518,7 +658,11 @@ def _parse(
 
     values: dict[str, dict[str, Any]] = {}
     for table, keys in _SCHEMA.items():
-        if table not in raw and not any(t == table for t, _ in origin):
+        if table == "sweep" and table not in raw:
+            continue
+        if table not in raw and table not in _OPTIONAL_TABLES and not any(
+            t == table for t, _ in origin
+        ):
             raise ScenarioError(
                 f"{where}: missing table [{table}] (keys {', '.join(keys)}); fix: add it, "
                 "as in scenarios/default.toml",
@@ -599,8 +743,8 @@ def _data_dir(dataset: str, given: str | None, where: str) -> Path | None:
 
 def _build(values: dict[str, dict[str, Any]], where: str, source: Path) -> ScenarioConfig:
     """Turn checked raw values into the dataclasses, with cross-key checks."""
-    run, data, model, client, server, attack = (
-        values[t] for t in ("run", "data", "model", "client", "server", "attack")
+    run, data, model, client, server, attack, defense = (
+        values[t] for t in ("run", "data", "model", "client", "server", "attack", "defense")
     )
     dataset = canonical_name(data["dataset"])
     if server["min-clients"] > data["num-clients"]:
@@ -643,6 +787,8 @@ def _build(values: dict[str, dict[str, Any]], where: str, source: Path) -> Scena
             min_clients=server["min-clients"],
             fraction_train=server["fraction-train"],
             round_timeout=server["round-timeout"],
+            dp_clip_norm=server["dp-clip-norm"],
+            dp_noise_multiplier=server["dp-noise-multiplier"],
         ),
         attack=AttackConfig(
             enabled=attack["enabled"],
@@ -651,4 +797,63 @@ def _build(values: dict[str, dict[str, Any]], where: str, source: Path) -> Scena
             dlg_iterations=attack["dlg-iterations"],
         ),
         source=source,
+        defense=_defense(defense, where),
+        sweep=_sweep(values.get("sweep"), where),
+    )
+
+
+def _defense(defense: dict[str, Any], where: str) -> DefenseConfig:
+    """The ``[defense]`` table, with the keys its kind needs."""
+    kind = DefenseKind(defense["kind"])
+    if kind is DefenseKind.CLIP_GAUSSIAN and defense["clip-norm"] is None:
+        raise ScenarioError(
+            f"{where}: [defense] kind = \"clip-gaussian\" needs clip-norm; fix: set "
+            "`clip-norm = ...` (> 0) in [defense]",
+            table="defense",
+            key="clip-norm",
+        )
+    return DefenseConfig(
+        kind=kind,
+        scale=defense["scale"],
+        relative=defense["relative"],
+        clip_norm=defense["clip-norm"],
+        noise_multiplier=defense["noise-multiplier"],
+        delta=defense["delta"],
+        fraction=defense["fraction"],
+        format=defense["format"],
+    )
+
+
+def _sweep(sweep: dict[str, Any] | None, where: str) -> SweepConfig | None:
+    """The ``[sweep]`` table: axes must be numeric scenario keys, a second axis its values."""
+    if sweep is None:
+        return None
+    numeric = [
+        f"{t}.{k}"
+        for t, keys in _SCHEMA.items()
+        if t != "sweep"
+        for k, spec in keys.items()
+        if spec.kind in (int, float)
+    ]
+    for key in ("axis", "axis2"):
+        axis = sweep[key]
+        if axis is not None and axis not in numeric:
+            raise ScenarioError(
+                f"{where}: [sweep] {key} = {axis!r} is invalid: expected a numeric scenario "
+                f"key, one of {', '.join(numeric)}",
+                table="sweep",
+                key=key,
+            )
+    if (sweep["axis2"] is None) != (sweep["values2"] is None):
+        raise ScenarioError(
+            f"{where}: [sweep] axis2 and values2 go together; fix: set both or neither",
+            table="sweep",
+            key="values2" if sweep["values2"] is None else "axis2",
+        )
+    return SweepConfig(
+        axis=sweep["axis"],
+        values=tuple(sweep["values"]),
+        seeds=tuple(int(v) for v in sweep["seeds"]),
+        axis2=sweep["axis2"],
+        values2=tuple(sweep["values2"] or ()),
     )
