@@ -7,13 +7,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
 
 from fl_attack.config import ScenarioConfig, from_run_config
+from fl_attack.defenses.mods import make_defense_mod
 from fl_attack.simulation import (
     AuditRecord,
     build_scenario_model,
@@ -24,7 +27,14 @@ from fl_attack.simulation import (
     write_audit,
 )
 
-__all__ = ["APP_DIR", "app", "make_client_app", "node_partition", "train_handler"]
+__all__ = [
+    "APP_DIR",
+    "app",
+    "defense_mod_for",
+    "make_client_app",
+    "node_partition",
+    "train_handler",
+]
 
 APP_DIR = Path(__file__).resolve().parents[1]
 """The Flower app's folder (the repository, or the unpacked FAB under ``flwr run``)."""
@@ -137,6 +147,33 @@ def train_handler(msg: Message, context: Context, scenario: ScenarioConfig) -> M
     return Message(content=content, reply_to=msg)
 
 
+def defense_mod_for(
+    scenario: ScenarioConfig | None,
+) -> Callable[[Message, Context, ClientAppCallable], Message]:
+    """The client mod applying ``[defense]`` to each reply (a no-op for ``kind = "none"``).
+
+    Parameters
+    ----------
+    scenario : ScenarioConfig, optional
+        As for :func:`make_client_app`; ``None`` reads it from ``context.run_config``.
+
+    Returns
+    -------
+    callable
+        A Flower mod ``(msg, context, call_next) -> Message``; its noise is seeded by the
+        run's seed, the round and the partition.
+    """
+
+    def defense_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        parsed = scenario
+        if parsed is None:
+            parsed = _scenario_for(tuple(sorted(context.run_config.items())))
+        mod = make_defense_mod(parsed.defense, seed=parsed.run.seed)
+        return call_next(msg, context) if mod is None else mod(msg, context, call_next)
+
+    return defense_mod
+
+
 @lru_cache(maxsize=8)
 def _scenario_for(items: tuple[tuple[str, bool | int | float | str], ...]) -> ScenarioConfig:
     """Parse a run config once per process."""
@@ -156,9 +193,9 @@ def make_client_app(scenario: ScenarioConfig | None = None) -> ClientApp:
     Returns
     -------
     ClientApp
-        With a ``train`` handler.
+        With a ``train`` handler, behind the scenario's ``[defense]`` mod.
     """
-    client_app = ClientApp()
+    client_app = ClientApp(mods=[defense_mod_for(scenario)])
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -17,7 +17,11 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    Strategy,
+)
 from rich.console import Console
 from torch import nn
 
@@ -223,7 +227,9 @@ def build_strategy(
     Parameters
     ----------
     scenario : ScenarioConfig
-        ``[server]`` sets the sampling, ``[attack]`` the wrapper.
+        ``[server]`` sets the sampling (and, with ``dp-clip-norm``, wraps FedAvg in
+        Flower's ``DifferentialPrivacyServerSideFixedClipping``), ``[attack]`` the
+        malicious wrapper around it all.
     model : nn.Module
         The model the clients train (the attack needs its architecture).
     input_shape : tuple of int
@@ -243,10 +249,23 @@ def build_strategy(
         min_train_nodes=scenario.server.min_clients,
         min_available_nodes=scenario.server.min_clients,
     )
+    inner: Strategy = fedavg
+    if scenario.server.dp_clip_norm is not None:
+        # Central DP clips and noises inside aggregation: the wrapper around it still sees
+        # every raw update, which is the point this option demonstrates.
+        inner = DifferentialPrivacyServerSideFixedClipping(
+            fedavg,
+            noise_multiplier=scenario.server.dp_noise_multiplier,
+            clipping_norm=scenario.server.dp_clip_norm,
+            num_sampled_clients=max(
+                scenario.server.min_clients,
+                int(scenario.server.fraction_train * scenario.data.num_clients),
+            ),
+        )
     if not scenario.attack.enabled:
-        return fedavg
+        return inner
     return MaliciousServer(
-        fedavg,
+        inner,
         model=model,
         input_shape=input_shape,
         lr=scenario.client.lr,

@@ -299,9 +299,7 @@ def _reproduction_residual(
         n: p.detach().to(torch.float64).clone().requires_grad_(True) for n, p in params.items()
     }
     with torch.enable_grad():
-        logits = torch.func.functional_call(
-            model, leaves, (image.to(torch.float64).unsqueeze(0),)
-        )
+        logits = torch.func.functional_call(model, leaves, (image.to(torch.float64).unsqueeze(0),))
         loss = F.cross_entropy(logits, torch.tensor([label]))
         own = torch.autograd.grad(loss, list(leaves.values()))
     diff = 0.0

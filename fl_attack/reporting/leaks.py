@@ -27,7 +27,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from fl_attack.config import ScenarioConfig
-from fl_attack.engine import Reconstruction
+from fl_attack.defenses.mods import defense_epsilon
+from fl_attack.engine import Evidence, Reconstruction, Verdict
 from fl_attack.metrics import image_metrics, is_identified
 from fl_attack.reporting.checkpoint import CHECKPOINT_FILE
 from fl_attack.reporting.figures import save_round_grid
@@ -138,6 +139,12 @@ class LeakRecord:
         Condensed engine diagnostics.
     error : str
         Why the reconstruction failed (status ``"failed"``).
+    verdict : str
+        The engine's verdict on the update: ``"leak"`` (one sample's gradient),
+        ``"noise-detected"`` (estimate only) or ``"not-single-sample"``; ``""`` when none
+        was given. Only ``"leak"`` counts as a clean leak.
+    evidence : Evidence or None
+        The numbers behind the verdict.
     """
 
     server_round: int
@@ -153,6 +160,13 @@ class LeakRecord:
     seconds: float | None = None
     diagnostics: DiagnosticsSummary | None = None
     error: str = ""
+    verdict: str = ""
+    evidence: Evidence | None = None
+
+    @property
+    def flagged(self) -> bool:
+        """The update was inverted but is not one sample's gradient (noise, batch, steps)."""
+        return self.verdict not in ("", Verdict.LEAK.value)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready mapping (one line of ``leaks.jsonl``)."""
@@ -176,6 +190,11 @@ class LeakRecord:
                     for f in fields(DiagnosticsSummary)
                 }
             )
+        evidence = values.get("evidence")
+        if isinstance(evidence, Mapping):
+            parsed = {f.name: _from_json(f.type, evidence[f.name]) for f in fields(Evidence)}
+            parsed["verdict"] = Verdict(parsed["verdict"])
+            values["evidence"] = Evidence(**parsed)
         return cls(**values)
 
 
@@ -220,6 +239,11 @@ class RoundSummary:
         Wall time of the round's inversions.
     test_accuracy : float or None
         Accuracy of the aggregated model on the held-out images.
+    flagged : int
+        Inverted updates the engine flagged as noised or not one sample's gradient: their
+        images are estimates, not leaks (``leaked`` never counts them).
+    clean_psnr_min, clean_psnr_mean : float or None
+        Over the scored leaks whose verdict is ``leak``.
     """
 
     server_round: int
@@ -236,6 +260,9 @@ class RoundSummary:
     identifiability: float | None
     attack_seconds: float
     test_accuracy: float | None
+    flagged: int = 0
+    clean_psnr_min: float | None = None
+    clean_psnr_mean: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +301,12 @@ class RunSummary:
         Wall time of the run (server side).
     model_digest : str
         SHA-256 of the final global model's arrays (equal digests: identical models).
+    flagged : int
+        Inverted updates flagged as noised or not single-sample, over the run.
+    defense : str
+        The clients' ``[defense] kind``.
+    epsilon, delta : float or None
+        Per client and round, for ``clip-gaussian`` (no composition over rounds).
     """
 
     name: str
@@ -295,6 +328,10 @@ class RunSummary:
     seconds: float
     model_digest: str = ""
     good_db: float = field(default=GOOD_DB)
+    flagged: int = 0
+    defense: str = "none"
+    epsilon: float | None = None
+    delta: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready mapping."""
@@ -432,6 +469,8 @@ class LeakRecorder:
                 label_guessed=result.label,
                 seconds=result.seconds,
                 diagnostics=diagnostics,
+                verdict=_verdict(result),
+                evidence=result.evidence,
             )
             self._add(record, None, result.image)
             return
@@ -454,6 +493,8 @@ class LeakRecorder:
             identified=self._identified(estimate, audit),
             seconds=result.seconds,
             diagnostics=diagnostics,
+            verdict=_verdict(result),
+            evidence=result.evidence,
         )
         self._add(record, self.fed.images[index], result.image)
 
@@ -532,6 +573,7 @@ class LeakRecorder:
         scored = [
             rec.psnr for recs in self._records.values() for rec in recs if rec.psnr is not None
         ]
+        privacy = defense_epsilon(self.scenario.defense)
         summary = RunSummary(
             name=self.scenario.run.name,
             run_dir=str(self.run_dir),
@@ -551,6 +593,10 @@ class LeakRecorder:
             final_test_accuracy=self._accuracy.get(rounds),
             seconds=time.perf_counter() - self._start,
             model_digest=model_digest,
+            flagged=sum(r.flagged for r in per_round),
+            defense=self.scenario.defense.kind.value,
+            epsilon=privacy[0] if privacy else None,
+            delta=privacy[1] if privacy else None,
         )
         write_json(self.run_dir / SUMMARY_FILE, summary.to_json())
         if self.console is not None:
@@ -590,10 +636,13 @@ class LeakRecorder:
         scored = [r for r in records if r.psnr is not None]
         psnrs = [r.psnr for r in scored if r.psnr is not None]
         finite = [p for p in psnrs if math.isfinite(p)]
+        # A flagged update's image is an estimate, not a leak: clean figures skip it.
+        clean = [r.psnr for r in scored if r.psnr is not None and not r.flagged]
+        clean_finite = [p for p in clean if math.isfinite(p)]
         return RoundSummary(
             server_round=server_round,
             clients=len(records),
-            leaked=sum(1 for p in psnrs if p >= GOOD_DB),
+            leaked=sum(1 for p in clean if p >= GOOD_DB),
             failed=sum(1 for r in records if r.status == "failed"),
             scored=len(scored),
             labels_recovered=sum(1 for r in scored if r.label_guessed == r.label_true),
@@ -607,6 +656,11 @@ class LeakRecorder:
             identifiability=_mean(bool(r.identified) for r in scored),
             attack_seconds=self._round_seconds.get(server_round, 0.0),
             test_accuracy=self._accuracy.get(server_round),
+            flagged=sum(1 for r in records if r.flagged),
+            clean_psnr_min=min(clean) if clean else None,
+            clean_psnr_mean=statistics.fmean(clean_finite)
+            if clean_finite
+            else (math.inf if clean else None),
         )
 
 
@@ -647,18 +701,25 @@ def summary_table(summary: RunSummary) -> Table:
         for r in summary.rounds:
             table.add_row(str(r.server_round), _pct(r.test_accuracy))
         return table
-    table.caption = f"leaked: PSNR >= {summary.good_db:g} dB; label, ident: of scored leaks"
+    table.caption = (
+        f"leaked: PSNR >= {summary.good_db:g} dB, verdict leak; flag: noise or not one "
+        "sample (estimates, dB columns include them); label, ident: of scored leaks"
+    )
+    if summary.epsilon is not None:
+        table.caption += f"; ({summary.epsilon:.3g}, {summary.delta:g})-DP per client-round"
     table.caption_justify = "left"
-    for column in ("leaked", "fail", "min dB", "mean dB", "SSIM", "label", "ident", "sec"):
+    columns = ("leaked", "fail", "flag", "min dB", "mean dB", "SSIM", "label", "ident", "sec")
+    for column in columns:
         table.add_column(column, justify="right", min_width=len(column))
     table.add_column("test acc", justify="right", min_width=6)
     if summary.initial_test_accuracy is not None:
-        table.add_row("0", *[""] * 8, _pct(summary.initial_test_accuracy))
+        table.add_row("0", *[""] * len(columns), _pct(summary.initial_test_accuracy))
     for r in summary.rounds:
         table.add_row(
             str(r.server_round),
             f"{r.leaked}/{r.clients}",
             str(r.failed),
+            str(r.flagged),
             _db(r.psnr_min),
             _db(r.psnr_mean),
             "-" if r.ssim_mean is None else f"{r.ssim_mean:.3f}",
@@ -673,6 +734,7 @@ def summary_table(summary: RunSummary) -> Table:
         "all",
         f"{summary.leaked}/{summary.client_rounds}",
         str(sum(r.failed for r in summary.rounds)),
+        str(summary.flagged),
         _db(summary.psnr_min),
         "",
         "",
@@ -735,10 +797,19 @@ def _header(record: LeakRecord) -> str:
 
 
 def _caption(record: LeakRecord) -> str:
-    """Caption under a leaked image."""
+    """Caption under a leaked image (flagged estimates say so)."""
     if record.status == "failed":
         return "failed"
+    flag = {
+        Verdict.NOISE_DETECTED.value: " (noise: estimate)",
+        Verdict.NOT_SINGLE_SAMPLE.value: " (not 1 sample)",
+    }.get(record.verdict, "")
     if record.psnr is None:
-        return "no ground truth"
+        return "no ground truth" + flag
     db = "inf" if math.isinf(record.psnr) else f"{record.psnr:.1f}"
-    return f"{db} dB"
+    return f"{db} dB{flag}"
+
+
+def _verdict(result: Reconstruction) -> str:
+    """The verdict's value, or ``""`` when the attack gave no evidence."""
+    return result.evidence.verdict.value if result.evidence is not None else ""
