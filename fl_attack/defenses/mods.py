@@ -44,6 +44,7 @@ __all__ = [
     "UpdateMod",
     "defense_epsilon",
     "make_defense_mod",
+    "noise_generator",
 ]
 
 Mod = Callable[[Message, Context, ClientAppCallable], Message]
@@ -112,8 +113,7 @@ class UpdateMod:
         for record in config.values():
             server_round = int(record.get("server-round", server_round))
         partition = int(ctxt.node_config.get("partition-id", 0))
-        state = np.random.SeedSequence([self.seed, server_round, partition]).generate_state(2)
-        return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        return noise_generator(self.seed, server_round, partition)
 
 
 class NoiseMod(UpdateMod):
@@ -241,6 +241,24 @@ class QuantizeMod(UpdateMod):
     def transform(self, update: Update, generator: torch.Generator) -> Update:
         """The rounded update."""
         return quantize(update, self.fmt)
+
+
+def noise_generator(seed: int, server_round: int, partition_id: int) -> torch.Generator:
+    """The generator a mod draws a client's noise from in one round.
+
+    Parameters
+    ----------
+    seed, server_round, partition_id : int
+        The run's seed, the round (``server-round`` of the train config) and the node's
+        ``partition-id``: reproducible runs, independent noise per client and round.
+
+    Returns
+    -------
+    torch.Generator
+        Freshly seeded.
+    """
+    state = np.random.SeedSequence([seed, server_round, partition_id]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 def make_defense_mod(defense: DefenseConfig, *, seed: int = 0) -> UpdateMod | None:
