@@ -237,8 +237,8 @@ def run(args: argparse.Namespace) -> int:
     result = sweep(scenario, console=console)
     console.print(sweep_table(result))
     out = Path(result.runs[0].run_dir).parent if result.runs else scenario.run.run_dir
-    console.print(f"sweep:   {out / SWEEP_FILE}", markup=False)
-    console.print(f"plot:    {out / SWEEP_PLOT}", markup=False)
+    console.print(f"sweep:   {out / SWEEP_FILE}", markup=False, soft_wrap=True)
+    console.print(f"plot:    {out / SWEEP_PLOT}", markup=False, soft_wrap=True)
     return 0
 
 
@@ -407,6 +407,7 @@ def sweep_figure(result: SweepResult) -> Any:
             ax.axhline(CROSSING_DB, color="grey", linestyle="--", linewidth=1)
         if positive and 0 in values and max(positive) / min(positive) > 50:
             ax.set_xscale("symlog", linthresh=min(positive))
+            ax.set_xlim(left=min(values) - 0.3 * min(positive))  # no empty negative side
         elif positive and min(values) > 0 and max(positive) / min(positive) > 50:
             ax.set_xscale("log")
         ax.set_xlabel(result.axis)

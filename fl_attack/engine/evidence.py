@@ -73,10 +73,14 @@ class Evidence:
     isotropic_spread : float
         Half the ratio i.i.d. noise of that shape gives (Marchenko-Pastur edges); a
         residual spread at or above it counts as noise.
+    gradient_scale : float
+        ``c`` of the best fit ``g = c (softmax(W x + b) - onehot(y))`` with
+        ``x = dW^T g / ||g||^2`` read off the linear layer's gradient and ``W, b`` its
+        weights: 1 for one sample's gradient, below 1 once clipped (or for a batch mean
+        dominated by one sample), about ``k`` for ``k`` local steps on one sample.
     softmax_residual : float
-        ``||softmax(W x + b) - onehot(y) - g|| / ||g||`` with ``x = dW^T g / ||g||^2`` read
-        off the linear layer's gradient and ``W, b`` its weights: one sample's input
-        reproduces its own bias gradient; a sum over samples or steps does not.
+        ``||c (softmax(W x + b) - onehot(y)) - g|| / ||g||``: one sample's input reproduces
+        its own bias gradient (up to the scale); a sum over samples or steps does not.
     reproduction_residual : float
         ``||grad(x_hat, y_hat) - grad|| / ||grad||`` over all parameters, with the
         engine's recovered input and label (reported, not used for the verdict: an input
@@ -96,6 +100,7 @@ class Evidence:
     bias_misalignment: float
     residual_spread: float
     isotropic_spread: float
+    gradient_scale: float
     softmax_residual: float
     reproduction_residual: float
     layer_residual: float
@@ -199,7 +204,7 @@ def gather_evidence(
     tail = singular[1:]
     spread = float(tail[-1] / tail[0]) if tail.numel() >= 2 and float(tail[0]) > 0 else math.nan
     isotropic = isotropic_spread(min(rows, cols) - 1, max(rows, cols) - 1)
-    softmax = _softmax_residual(model, linear_name, weight, bias)
+    scale, softmax = _softmax_residual(model, linear_name, weight, bias)
     reproduction = _reproduction_residual(model, params, gradients, image, label)
     solved = [d.relative_residual for d in layers if d.unknowns]
     layer_residual = max(solved, default=0.0)
@@ -223,6 +228,16 @@ def gather_evidence(
             f"{where}: the input read off the weight gradient does not reproduce the bias "
             f"gradient, softmax(W x + b) - onehot (off by {softmax:.2g}; tolerance "
             f"{tolerance:.2g})"
+        )
+    elif not abs(scale - 1.0) <= tolerance:
+        cause = (
+            "a sum of several gradients of one sample (local steps)"
+            if scale > 1
+            else "clipped, or a batch mean whose other samples' gradients vanish (the image "
+            "may still be one sample's)"
+        )
+        reasons.append(
+            f"{where}: the bias gradient is {scale:.4g} times the one its own input gives: {cause}"
         )
     if not one_label:
         reasons.append(
@@ -253,6 +268,7 @@ def gather_evidence(
         bias_misalignment=misalignment,
         residual_spread=spread,
         isotropic_spread=isotropic,
+        gradient_scale=scale,
         softmax_residual=softmax,
         reproduction_residual=reproduction,
         layer_residual=layer_residual,
@@ -272,17 +288,21 @@ def _last_linear(model: nn.Module) -> str:
 
 def _softmax_residual(
     model: nn.Module, linear_name: str, weight: torch.Tensor, bias: torch.Tensor
-) -> float:
-    """How far ``softmax(W x + b) - e_y`` is from the bias gradient, x read off ``dW``."""
+) -> tuple[float, float]:
+    """Scale and relative misfit of the bias gradient against ``softmax(W x + b) - e_y``."""
     bias_norm = float(bias.norm())
     if bias_norm == 0:
-        return math.inf
+        return math.nan, math.inf
     layer = model.get_submodule(linear_name.rstrip(".")) if linear_name else model
-    x = weight.T @ bias / bias_norm**2
+    x = weight.T @ bias / bias_norm**2  # exact for dW = c g x^T, db = c g, any scale c
     logits = layer.weight.detach().to(torch.float64) @ x + layer.bias.detach().to(torch.float64)
-    probs = torch.softmax(logits, dim=0)
-    probs[int(bias.argmin())] -= 1.0
-    return float((probs - bias).norm()) / bias_norm
+    own = torch.softmax(logits, dim=0)
+    own[int(bias.argmin())] -= 1.0
+    own_norm = float(own.norm())
+    if own_norm == 0:
+        return math.nan, math.inf
+    scale = float(own @ bias) / own_norm**2
+    return scale, float((scale * own - bias).norm()) / bias_norm
 
 
 def _reproduction_residual(
