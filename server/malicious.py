@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
-from fl_attack.attacks import ATTACKS, Attack
+from fl_attack.attacks import ATTACKS, Attack, DLGOptions
 from fl_attack.config import ThreatModel
 from fl_attack.engine import EngineError, Reconstruction, SolveOptions
 
@@ -135,6 +135,9 @@ class MaliciousServer(Strategy):
     attack : str
         The reconstruction method, a key of :data:`fl_attack.attacks.ATTACKS`: ``"rconv"``
         (analytic, the model must pass its ``validate``) or ``"dlg"`` (gradient matching).
+    dlg_options : DLGOptions, optional
+        Budget of the ``"dlg"`` attack (``[attack] dlg-iterations``); ignored by ``"rconv"``,
+        whose tolerances follow each client's precision.
 
     Raises
     ------
@@ -169,6 +172,7 @@ class MaliciousServer(Strategy):
         sink: LeakSink | None = None,
         threat_model: ThreatModel = ThreatModel.HONEST_BUT_CURIOUS,
         attack: str = "rconv",
+        dlg_options: DLGOptions | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(strategy, Strategy):
@@ -193,7 +197,8 @@ class MaliciousServer(Strategy):
                 f"MaliciousServer: unknown threat_model {threat_model!r}; choose one of {allowed}"
             ) from None
         self.attack: Attack = ATTACKS[attack]  # an unknown name lists the registered ones
-        self.attack.validate(model, shape)
+        self.attack.validate(model, shape)  # R-CONV's check; nothing to check for "dlg"
+        self.dlg_options = dlg_options
         self.strategy = strategy
         self.threat_model = threat
         self.lr = float(lr)
@@ -212,7 +217,7 @@ class MaliciousServer(Strategy):
 
     def summary(self) -> None:
         """Log the attack settings, then the wrapped strategy's summary."""
-        log(INFO, "\t├──> Malicious server (R-CONV):")
+        log(INFO, "\t├──> Malicious server (attack %s):", self.attack.name)
         log(INFO, "\t│\t├── Threat model: %s", self.threat_model.value)
         log(INFO, "\t│\t└── Client learning rate: %s", self.lr)
         self.strategy.summary()
@@ -299,7 +304,7 @@ class MaliciousServer(Strategy):
             batches.setdefault(dtype, []).append((node_id, grads))
         leaked = 0
         for dtype, batch in batches.items():
-            options = SolveOptions.for_dtype(dtype) if self.attack.analytic else None
+            options = SolveOptions.for_dtype(dtype) if self.attack.analytic else self.dlg_options
             results = self.attack(
                 self._model, [grads for _, grads in batch], self.input_shape, options=options
             )
