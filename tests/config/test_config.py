@@ -116,8 +116,8 @@ def test_unknown_key_names_table_key_and_allowed_keys(tmp_path: Path) -> None:
 
 
 def test_unknown_table_is_an_error(tmp_path: Path) -> None:
-    message = _error(tmp_path, GOOD + "\n[defense]\nclip = 1.0\n")
-    assert "unknown table [defense]" in message and "[attack]" in message
+    message = _error(tmp_path, GOOD + "\n[privacy]\nclip = 1.0\n")
+    assert "unknown table [privacy]" in message and "[attack]" in message
 
 
 def test_wrong_type_names_value_and_expected(tmp_path: Path) -> None:
