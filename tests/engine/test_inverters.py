@@ -14,6 +14,7 @@ from fl_attack.engine import (
     registered_types,
     trace,
 )
+from fl_attack.engine.inverters.relu import zero_threshold
 from fl_attack.engine.registry import inverter_for, register_inverter
 
 F64 = SolveOptions.for_dtype(torch.float64)
@@ -159,3 +160,26 @@ def _grads(model: nn.Module, x: torch.Tensor, label: int) -> dict[str, torch.Ten
     from fl_attack.engine import single_sample_gradients
 
     return single_sample_gradients(model, x, label, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "noise", "signal"),
+    # Noise levels as reconstructions leave them; exact zeros are a decade-wide gap below.
+    [(torch.float32, (1e-6, 1e-4), 1e-2), (torch.float64, (2e-12, 2e-9), 1e-3)],
+)
+def test_relu_zero_threshold_separates_noise_from_signal_despite_exact_zeros(
+    dtype: torch.dtype, noise: tuple[float, float], signal: float
+) -> None:
+    # Prepare: exact zeros, zeros reconstructed at noise level, and small real activations.
+    options = SolveOptions.for_dtype(dtype)
+    y = torch.cat(
+        [
+            torch.zeros(50, dtype=torch.float64),
+            torch.logspace(*torch.tensor(noise).log10().tolist(), 50, dtype=torch.float64),
+            torch.linspace(signal, 1.0, 50, dtype=torch.float64),
+        ]
+    )
+    # Execute
+    tau = zero_threshold(y, options)
+    # Assert: every zero (exact or noisy) below, every activation above.
+    assert noise[1] < tau < signal

@@ -56,6 +56,17 @@ def test_float32_failures_are_flagged(shared_datasets: Path, dataset: str, index
     assert psnr(x, result.image) >= 40.0 or any("residual" in w for w in result.warnings)
 
 
+def test_float64_default_init_cifar100_image_92_is_exact(shared_datasets: Path) -> None:
+    # Its exact ReLU zeros once opened a wider log-gap than the one between noise and
+    # signal, so noise-level zeros were taken for activations (-29 dB).
+    data = load_dataset("CIFAR100", root=shared_datasets, limit=93)
+    x, y = data.images[92], int(data.labels[92])
+    model = build_model("rconv-main", num_classes=100, init="default", seed=50)
+    grads = single_sample_gradients(model, x, y, dtype=torch.float64)
+    result = reconstruct(model, grads, tuple(x.shape))
+    assert psnr(x, result.image) >= 100.0, result.warnings
+
+
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_seed_architectures_on_cifar10_image_0(shared_datasets: Path, name: str) -> None:
     # Prepare

@@ -30,8 +30,10 @@ def zero_threshold(y: torch.Tensor, options: SolveOptions) -> float:
     if top == 0.0:
         return 0.0
     fallback = options.zero_rtol * top
-    # Exact zeros join the noise cluster instead of opening a gap of their own.
-    logs = torch.log10((mags / top).clamp_min(options.eps * 1e-3)).sort().values
+    # Anything below eps * max|y| is zero at this precision: exact zeros and the tiniest
+    # noise form one cluster instead of opening a gap of their own (in float64 a gap from
+    # exact zeros up to 1e-12 noise was once wider than the one from noise up to signal).
+    logs = torch.log10((mags / top).clamp_min(options.eps)).sort().values
     logs = logs[logs <= torch.log10(torch.tensor(_SEARCH_CEILING, dtype=logs.dtype))]
     if logs.numel() < 2:
         return fallback
