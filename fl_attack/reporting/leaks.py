@@ -413,6 +413,9 @@ class LeakRecorder:
             Records kept.
         """
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("round_*.png", SUMMARY_FILE, CHECKPOINT_FILE, LEAKS_FILE):
+            for tmp in self.run_dir.glob(f".{name}.*"):
+                tmp.unlink(missing_ok=True)  # a temporary file the kill left before its rename
         kept: list[str] = []
         if self.leaks_path.is_file():
             for line in self.leaks_path.read_text(encoding="utf-8").splitlines():

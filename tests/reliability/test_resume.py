@@ -69,6 +69,8 @@ def test_a_resumed_run_equals_the_uninterrupted_one(
     partial = dict(_lines(full.run.run_dir)[0], server_round=crash_at)
     with (cut.run.run_dir / LEAKS_FILE).open("a") as handle:
         handle.write(json.dumps(partial) + "\n" + '{"server_round": ' + str(crash_at) + ', "no')
+    # ... and the temporary file of a picture whose rename the kill prevented
+    (cut.run.run_dir / f".round_{crash_at}.png.k1ll3d.png").write_bytes(b"\x89PNG\r\n")
     # Execute: resume from the run folder's own scenario.toml
     saved = load_scenario(cut.run.run_dir / SCENARIO_FILE)
     resumed = run_server(inline_grid(saved, CLIENTS), saved, resume=True)
@@ -87,7 +89,7 @@ def test_a_resumed_run_equals_the_uninterrupted_one(
     # Assert: the completed rounds' lines were kept byte for byte
     assert (cut.run.run_dir / LEAKS_FILE).read_text().startswith(before)
     assert load_checkpoint(cut.run.run_dir).server_round == ROUNDS  # type: ignore[union-attr]
-    assert sorted(p.name for p in cut.run.run_dir.glob("round_*.png")) == [
+    assert sorted(p.name for p in cut.run.run_dir.iterdir() if p.suffix == ".png") == [
         f"round_{r}.png" for r in range(1, ROUNDS + 1)
     ]
 
