@@ -172,9 +172,10 @@ def gather_evidence(
         The numbers and the verdict: ``leak`` when the linear layer's gradient is rank one
         along its bias gradient, the input read off it reproduces that bias gradient and
         exactly one class has a negative bias gradient; otherwise ``noise-detected`` when
-        the rank-one residual is isotropic, and ``not-single-sample`` when it is
-        structured or the linear layer is rank one but inconsistent (e.g. several steps on
-        one sample: ``dW = k g x^T`` but the bias gradient is ``k`` times too long).
+        the rank-one residual is isotropic and either too large or joined by more than one
+        negative bias entry, and ``not-single-sample`` when it is structured or the linear
+        layer is rank one but inconsistent (e.g. several steps on one sample:
+        ``dW = k g x^T`` but the bias gradient is ``k`` times too long).
 
     Notes
     -----
@@ -246,7 +247,11 @@ def gather_evidence(
     linear_consistent = rank_one <= tolerance and misalignment <= tolerance
     if not reasons:
         verdict = Verdict.LEAK
-    elif not linear_consistent and not math.isnan(spread) and spread >= isotropic:
+    elif (not math.isnan(spread) and spread >= isotropic) and (
+        not linear_consistent or not one_label
+    ):
+        # Isotropic residual, and noise's footprint: off rank one, or several classes
+        # pushed below zero (sums of one sample's steps keep exactly one negative class).
         verdict = Verdict.NOISE_DETECTED
         reasons.append(
             f"the residual is isotropic (singular-value spread {spread:.2f} >= "

@@ -145,7 +145,7 @@ def test_local_steps_are_not_single_sample(local_steps: int, shared_datasets: Pa
     assert verdicts == [Verdict.NOT_SINGLE_SAMPLE] * len(verdicts)
 
 
-@pytest.mark.parametrize("sigma", [1e-3, 1e-2])
+@pytest.mark.parametrize("sigma", [1e-4, 1e-3, 1e-2])
 def test_noised_gradients_are_detected(sigma: float, shared_datasets: Path) -> None:
     verdicts = [
         _verdict_only(model, grads, images)
