@@ -78,7 +78,7 @@ def scenario_toml(scenario: ScenarioConfig) -> str:
     ----------
     scenario : ScenarioConfig
         Each sub-config becomes a table of the same name, each field a kebab-case key;
-        ``None`` (an optional key left out) is omitted.
+        ``None`` and empty lists (optional keys left out) are omitted.
 
     Returns
     -------
@@ -93,7 +93,7 @@ def scenario_toml(scenario: ScenarioConfig) -> str:
         lines += ["", f"[{table.name}]"]
         for item in dataclasses.fields(section):
             value = getattr(section, item.name)
-            if value is not None:
+            if value is not None and not (isinstance(value, tuple | list) and not value):
                 lines.append(f"{item.name.replace('_', '-')} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"
 
