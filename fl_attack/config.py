@@ -371,8 +371,7 @@ def _non_negative(value: float) -> bool:
 
 def _numbers(value: list[Any]) -> bool:
     return bool(value) and all(
-        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-        for v in value
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value
     )
 
 
@@ -660,9 +659,8 @@ def _parse(
     for table, keys in _SCHEMA.items():
         if table == "sweep" and table not in raw:
             continue
-        if table not in raw and table not in _OPTIONAL_TABLES and not any(
-            t == table for t, _ in origin
-        ):
+        overridden = any(t == table for t, _ in origin)
+        if table not in raw and table not in _OPTIONAL_TABLES and not overridden:
             raise ScenarioError(
                 f"{where}: missing table [{table}] (keys {', '.join(keys)}); fix: add it, "
                 "as in scenarios/default.toml",
@@ -807,7 +805,7 @@ def _defense(defense: dict[str, Any], where: str) -> DefenseConfig:
     kind = DefenseKind(defense["kind"])
     if kind is DefenseKind.CLIP_GAUSSIAN and defense["clip-norm"] is None:
         raise ScenarioError(
-            f"{where}: [defense] kind = \"clip-gaussian\" needs clip-norm; fix: set "
+            f"{where}: [defense] kind = 'clip-gaussian' needs clip-norm; fix: set "
             "`clip-norm = ...` (> 0) in [defense]",
             table="defense",
             key="clip-norm",
