@@ -193,6 +193,16 @@ def scaling_probe(architecture: str, side: int, count: int, data_dir: Path | Non
     return one_at_a_time("rconv", model, images, labels)
 
 
+def _memory_cap(gib: float) -> Callable[[], None]:
+    """A child-process hook capping its data segment, so that a probe fails, not the host."""
+
+    def cap() -> None:
+        limit = int(gib * 1024**3)
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+    return cap
+
+
 def scaling(args: argparse.Namespace, log: Callable[[str], None]) -> Row:
     """Median seconds/image at each input side and the exponent of time vs pixel count.
 
@@ -205,6 +215,7 @@ def scaling(args: argparse.Namespace, log: Callable[[str], None]) -> Row:
     log(f"scaling on {architecture}" + (" (rconv-main rejected beyond 40 px)" if rejected else ""))
     points: list[Row] = []
     timed_out: list[int] = []
+    failed: dict[str, str] = {}
     for side in args.sizes:
         if timed_out:
             timed_out.append(side)  # a smaller side already ran out of time
@@ -215,14 +226,23 @@ def scaling(args: argparse.Namespace, log: Callable[[str], None]) -> Row:
             command += ["--data-dir", str(args.data_dir)]
         try:
             done = subprocess.run(
-                command, capture_output=True, text=True, timeout=args.scale_budget, check=False
+                command,
+                capture_output=True,
+                text=True,
+                timeout=args.scale_budget,
+                check=False,
+                preexec_fn=_memory_cap(args.probe_gib),
             )
         except subprocess.TimeoutExpired:
             timed_out.append(side)
             log(f"scaling {side} px: over the budget of {args.scale_budget:g} s")
             continue
-        if done.returncode != 0:
-            raise RuntimeError(f"scaling probe {side} px failed: {done.stderr.strip()[-500:]}")
+        if done.returncode != 0:  # e.g. the memory cap: record it, keep the other sides
+            last = (done.stderr.strip().splitlines() or [""])[-1]
+            failed[str(side)] = f"exit {done.returncode}: {last[:300]}"
+            timed_out.append(side)
+            log(f"scaling {side} px: failed ({failed[str(side)][:120]})")
+            continue
         rows = json.loads(done.stdout.strip().splitlines()[-1])
         point = {"side": side, "pixels": side * side, **summary(rows)}
         point["median_s"] = point.pop("median_ms") / 1e3
@@ -239,6 +259,8 @@ def scaling(args: argparse.Namespace, log: Callable[[str], None]) -> Row:
         "budget_s": args.scale_budget,
         "points": points,
         "timed_out_sides": timed_out,
+        "failed": failed,
+        "memory_cap_gib": args.probe_gib,
         "exponent_vs_pixels": exponent,
     }
 
@@ -283,9 +305,18 @@ def memory(args: argparse.Namespace, log: Callable[[str], None]) -> Row:
         command += ["--clients", str(args.clients)]
         if args.data_dir is not None:
             command += ["--data-dir", str(args.data_dir)]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            check=False,
+            preexec_fn=_memory_cap(args.probe_gib),
+        )
         if done.returncode != 0:
-            raise RuntimeError(f"memory probe {case} failed: {done.stderr.strip()[-500:]}")
+            last = (done.stderr.strip().splitlines() or [""])[-1]
+            cases[case] = {"error": f"exit {done.returncode}: {last[:300]}"}
+            log(f"memory {case}: failed ({cases[case]['error'][:120]})")
+            continue
         kib = json.loads(done.stdout.strip().splitlines()[-1])
         cases[case] = {
             "process_peak_mib": kib["maxrss_kib"] / 1024,
@@ -382,6 +413,9 @@ def table(results: Row) -> Table:
         )
     if "memory" in results:
         for case, mib in results["memory"]["cases"].items():
+            if "error" in mib:
+                out.add_row(f"peak RSS, {case}", "failed", "", mib["error"][:60])
+                continue
             out.add_row(
                 f"peak RSS, {case}",
                 f"+{mib['attack_added_mib']:.1f} MiB",
@@ -398,7 +432,8 @@ def table(results: Row) -> Table:
                 f"median of {point['n']}",
             )
         for side in scale["timed_out_sides"]:
-            out.add_row(f"R-CONV at {side} px", f"> {scale['budget_s']:g} s", "", "over the budget")
+            why = scale["failed"].get(str(side), "over the time budget (or a smaller side was)")
+            out.add_row(f"R-CONV at {side} px", f"> {scale['budget_s']:g} s", "", why[:60])
         out.add_row(
             "scaling exponent (time ~ pixels^k)",
             f"k = {scale['exponent_vs_pixels']:.2f}",
@@ -445,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-fl", action="store_true", help="leave out the FL runs")
     parser.add_argument("--skip-memory", action="store_true", help="leave out the memory probes")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument(
+        "--probe-gib", type=float, default=8.0, help="memory cap of each probe subprocess (GiB)"
+    )
     parser.add_argument("--data-dir", type=Path, default=None, help="npz subsets folder")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "speed.json")
     parser.add_argument("--memory-probe", choices=MEMORY_CASES, help=argparse.SUPPRESS)
