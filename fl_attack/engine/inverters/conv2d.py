@@ -235,16 +235,19 @@ class Conv2dInverter(Inverter):
                 lambda: _weight_normal(layer, weight, input_shape),
             )
             rows = known.numpy()
-            scale_k = 1.0 / max(float(np.sqrt(row_sq[rows].mean())), 1e-300)
-            kmat = kfull[rows] * scale_k
-            target = target * scale_k
+            # Rows scaled to unit RMS norm; divided twice, never squared (tiny weights would
+            # overflow a squared scale).
+            rms = float(np.sqrt(row_sq[rows].mean())) if rows.any() else 0.0
+            rms = rms if rms > 0.0 else 1.0
+            kmat = kfull[rows] / rms
+            target = target / rms
             # K^T K of the known rows: the round's full product minus the few unknown rows.
             kk = kk_full.copy()
             if not rows.all():
                 dropped = kfull[~rows]
                 down = (dropped.T @ dropped).tocoo()
                 np.subtract.at(kk, (down.row, down.col), down.data)
-            normal = torch.from_numpy(kk * scale_k**2)
+            normal = torch.from_numpy(kk / rms / rms)
             for k in range(c):  # the gradient rows repeat per channel: add G^T G in place
                 normal[k * hw : (k + 1) * hw, k * hw : (k + 1) * hw] += gram
             kt_target = torch.from_numpy(kmat.T @ target.numpy())
