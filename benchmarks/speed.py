@@ -432,11 +432,18 @@ def table(results: Row) -> Table:
                 f"median of {point['n']}",
             )
         for side in scale["timed_out_sides"]:
-            why = scale["failed"].get(str(side), "over the time budget (or a smaller side was)")
-            out.add_row(f"R-CONV at {side} px", f"> {scale['budget_s']:g} s", "", why[:60])
+            if str(side) in scale["failed"]:
+                out.add_row(f"R-CONV at {side} px", "failed", "", scale["failed"][str(side)][-60:])
+            else:
+                out.add_row(
+                    f"R-CONV at {side} px",
+                    "not measured",
+                    "",
+                    f"over {scale['budget_s']:g} s, or a smaller side failed",
+                )
         out.add_row(
             "scaling exponent (time ~ pixels^k)",
-            f"k = {scale['exponent_vs_pixels']:.2f}",
+            f"k = {float(scale['exponent_vs_pixels']):.2f}",
             "",
             "log-log least squares",
         )
