@@ -207,6 +207,7 @@ class MaliciousServer(Strategy):
         self._model = copy.deepcopy(model).to(torch.float32)
         self._names = tuple(name for name, _ in self._model.named_parameters())
         self._broadcast: dict[int, dict[str, np.ndarray]] = {}
+        self._asked: dict[int, list[int]] = {}
 
     def __repr__(self) -> str:
         """Name the wrapper, its threat model and the wrapped strategy."""
@@ -255,7 +256,10 @@ class MaliciousServer(Strategy):
             for name in arrays
             if name in self._names
         }
-        return self.strategy.configure_train(server_round, arrays, config, grid)
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        # Who was asked: a node that never replies (time-out, lost) is recorded too.
+        self._asked[server_round] = [int(m.metadata.dst_node_id) for m in messages]
+        return messages
 
     def aggregate_train(
         self,
@@ -286,8 +290,16 @@ class MaliciousServer(Strategy):
             for name, param in self._model.named_parameters():
                 if name in broadcast:
                     param.copy_(torch.from_numpy(broadcast[name]))
+        replied = {int(reply.metadata.src_node_id) for reply in replies}
+        silent = [n for n in self._asked.pop(server_round, []) if n not in replied]
         if self.sink is not None:
-            self.sink.begin_round(server_round, len(replies))
+            self.sink.begin_round(server_round, len(replies) + len(silent))
+        for node_id in silent:
+            self._failed(
+                server_round,
+                node_id,
+                "no reply this round (timed out or lost): its update was never seen",
+            )
         # One attack call per client precision: the clients of a round share the weights, so
         # whatever depends on them alone is worked out once for all of them.
         batches: dict[torch.dtype, list[tuple[int, dict[str, torch.Tensor]]]] = {}

@@ -91,7 +91,10 @@ def test_a_client_that_misses_the_deadline_is_left_out_and_named(
     # Assert: Flower was given the scenario's deadline; the late node is named
     assert timeouts and set(timeouts) == {7.5}
     assert any("round 1, node 1001: no reply within the round timeout" in w for w in warnings)
-    # Assert: the round went on: the other two clients leaked, the next round had all three
-    assert [r.clients for r in summary.rounds] == [2, 3]
-    assert summary.rounds[0].leaked == 2 and summary.rounds[0].failed == 0
+    # Assert: the silent node is recorded; the other two leaked; the next round had all three
+    assert [r.clients for r in summary.rounds] == [3, 3]
+    assert summary.rounds[0].leaked == 2 and summary.rounds[0].failed == 1
+    leaks = [json.loads(line) for line in (scenario.run.run_dir / "leaks.jsonl").open()]
+    (silent,) = [r for r in leaks if r["server_round"] == 1 and r["status"] == "failed"]
+    assert silent["node_id"] == 1001 and silent["error"].startswith("no reply this round")
     assert summary.final_test_accuracy is not None and summary.model_digest

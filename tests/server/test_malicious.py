@@ -117,9 +117,14 @@ def _grid(node_ids: list[int]) -> Grid:
     return grid
 
 
-def _configured(strategy: MaliciousServer, arrays: ArrayRecord, server_round: int = 1) -> None:
-    """Run configure_train so the wrapper knows the broadcast arrays."""
-    strategy.configure_train(server_round, arrays, ConfigRecord({}), _grid([11, 12, 13]))
+def _configured(
+    strategy: MaliciousServer,
+    arrays: ArrayRecord,
+    server_round: int = 1,
+    nodes: tuple[int, ...] = (11, 12, 13),
+) -> None:
+    """Run configure_train so the wrapper knows the broadcast arrays (and whom it asked)."""
+    strategy.configure_train(server_round, arrays, ConfigRecord({}), _grid(list(nodes)))
 
 
 def _snapshot(message: Message) -> dict[str, np.ndarray]:
@@ -274,16 +279,19 @@ def test_a_failing_client_is_recorded_and_the_round_goes_on(
     broken = _make_error_reply(33)
     replies = [good, frozen, broken]
     sink = RecordingSink()
-    strategy = MaliciousServer(FedAvg(), model=model, input_shape=SHAPE, lr=LR, sink=sink)
-    _configured(strategy, global_arrays)
+    strategy = MaliciousServer(
+        FedAvg(min_available_nodes=4), model=model, input_shape=SHAPE, lr=LR, sink=sink
+    )
+    _configured(strategy, global_arrays, nodes=(31, 32, 33, 34))  # 34 never replies
     # Execute
     arrays, _ = strategy.aggregate_train(1, replies)
     # Assert
     assert [node for _, node, _ in sink.leaks] == [31]
-    assert {node: reason for _, node, reason in sink.failures}.keys() == {32, 33}
+    assert {node: reason for _, node, reason in sink.failures}.keys() == {32, 33, 34}
     reasons = {node: reason for _, node, reason in sink.failures}
     assert "ReconstructionError" in reasons[32] and "bias gradient is all zero" in reasons[32]
     assert reasons[33] == "client error: ClientApp raised"
+    assert reasons[34].startswith("no reply this round")
     plain, _ = FedAvg().aggregate_train(1, replies)
     assert arrays is not None and plain is not None
     assert all(arrays[k].numpy().tobytes() == plain[k].numpy().tobytes() for k in plain)
