@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fl_attack.engine.reconstruct import named_gradients
 from fl_attack.engine.types import EngineError, Reconstruction, ReconstructionError
 
 __all__ = ["OPTIMIZERS", "DLGOptions", "dlg", "dlg_many"]
@@ -139,7 +140,7 @@ def dlg(
     shape = tuple(int(s) for s in input_shape)
     if not shape or min(shape) < 1:
         raise ReconstructionError(f"input_shape must be positive sizes, got {input_shape}")
-    named = _named_gradients(model, gradients)
+    named = named_gradients(model, gradients)
     dtype = min((g.dtype for g in named.values()), key=lambda d: torch.finfo(d).bits)
     label = _label(model, named)
     target = [g.detach().to(dtype) for g in named.values()]
@@ -285,35 +286,3 @@ def _label(model: nn.Module, named: dict[str, torch.Tensor]) -> int:
         )
     name = linears[-1][0]
     return int(named[f"{name}.bias" if name else "bias"].argmin())
-
-
-def _named_gradients(model: nn.Module, gradients: Gradients) -> dict[str, torch.Tensor]:
-    """Gradients keyed by parameter name, checked for names, shapes and finiteness."""
-    params = dict(model.named_parameters())
-    if isinstance(gradients, Mapping):
-        missing = sorted(set(params) - set(gradients))
-        extra = sorted(set(gradients) - set(params))
-        if missing or extra:
-            raise ReconstructionError(
-                f"gradients do not match the model's parameters: missing {missing}, "
-                f"unexpected {extra}; pass one tensor per model.named_parameters() entry"
-            )
-        named = {n: gradients[n] for n in params}
-    else:
-        if len(gradients) != len(params):
-            raise ReconstructionError(
-                f"got {len(gradients)} gradient tensors for {len(params)} parameters; "
-                "pass them in model.parameters() order"
-            )
-        named = dict(zip(params, gradients, strict=True))
-    for name, grad in named.items():
-        if not isinstance(grad, torch.Tensor) or not grad.is_floating_point():
-            raise ReconstructionError(f"gradient {name!r} is not a floating-point tensor")
-        if tuple(grad.shape) != tuple(params[name].shape):
-            raise ReconstructionError(
-                f"gradient {name!r} has shape {tuple(grad.shape)}, the parameter has "
-                f"{tuple(params[name].shape)}"
-            )
-        if not bool(torch.isfinite(grad).all()):
-            raise ReconstructionError(f"gradient {name!r} contains NaN or Inf")
-    return named

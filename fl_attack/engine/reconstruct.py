@@ -30,6 +30,7 @@ _RESIDUAL_FACTOR = 3.0
 __all__ = [
     "check",
     "layer_chain",
+    "named_gradients",
     "reconstruct",
     "reconstruct_many",
     "single_sample_gradients",
@@ -176,8 +177,14 @@ def single_sample_gradients(
     return dict(zip(leaves, grads, strict=True))
 
 
-def _named_gradients(model: nn.Module, gradients: Gradients) -> dict[str, torch.Tensor]:
-    """Check names, shapes and values of the gradients; return them keyed by name."""
+def named_gradients(model: nn.Module, gradients: Gradients) -> dict[str, torch.Tensor]:
+    """Check names, shapes and values of the gradients; return them keyed by name.
+
+    Raises
+    ------
+    ReconstructionError
+        Naming the parameter that is missing, extra, mis-shaped, not floating or not finite.
+    """
     params = dict(model.named_parameters())
     if isinstance(gradients, Mapping):
         missing = sorted(set(params) - set(gradients))
@@ -259,7 +266,7 @@ def reconstruct(
     if problems:
         raise UnsupportedLayerError(problems)
     chain, _ = layer_chain(model)
-    named = _named_gradients(model, gradients)
+    named = named_gradients(model, gradients)
     if options is None:
         dtypes = {g.dtype for g in named.values()}
         worst = min(dtypes, key=lambda d: torch.finfo(d).bits)
