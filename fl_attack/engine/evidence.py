@@ -192,15 +192,16 @@ def gather_evidence(
     # Rows whose gradient rounded to exact zeros carry neither signal nor noise.
     active = (weight != 0).any(dim=1) | (bias != 0)
     rows, cols = int(active.sum()), weight.shape[1]
-    singular = torch.linalg.svdvals(weight[active])
+    # One SVD serves both checks: inactive rows are zero in the weight gradient and
+    # (by definition) in the bias gradient, so they change neither.
+    left_vectors, singular, _ = torch.linalg.svd(weight[active], full_matrices=False)
     total = float(singular.norm())
     rest = float(singular[1:].norm()) if singular.numel() > 1 else 0.0
     rank_one = rest / total if total > 0 else math.inf
     bias_norm = float(bias.norm())
     cosine = 0.0
     if bias_norm > 0 and total > 0:
-        left = torch.linalg.svd(weight, full_matrices=False).U[:, 0]
-        cosine = abs(float(left @ bias)) / bias_norm
+        cosine = abs(float(left_vectors[:, 0] @ bias[active])) / bias_norm
     misalignment = math.sqrt(max(0.0, 1.0 - min(1.0, cosine) ** 2))
     tail = singular[1:]
     spread = float(tail[-1] / tail[0]) if tail.numel() >= 2 and float(tail[0]) > 0 else math.nan
