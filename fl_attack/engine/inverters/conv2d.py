@@ -241,13 +241,15 @@ class Conv2dInverter(Inverter):
             rms = rms if rms > 0.0 else 1.0
             kmat = kfull[rows] / rms
             target = target / rms
-            # K^T K of the known rows: the round's full product minus the few unknown rows.
-            kk = kk_full.copy()
+            # K^T K of the known rows: the round's full product minus the few unknown rows,
+            # scaled on the way (the division makes the client's own copy).
+            kk = kk_full / rms
+            kk /= rms
             if not rows.all():
-                dropped = kfull[~rows]
+                dropped = kfull[~rows] / rms
                 down = (dropped.T @ dropped).tocoo()
                 np.subtract.at(kk, (down.row, down.col), down.data)
-            normal = torch.from_numpy(kk / rms / rms)
+            normal = torch.from_numpy(kk)
             for k in range(c):  # the gradient rows repeat per channel: add G^T G in place
                 normal[k * hw : (k + 1) * hw, k * hw : (k + 1) * hw] += gram
             kt_target = torch.from_numpy(kmat.T @ target.numpy())
