@@ -134,6 +134,22 @@ def _fl_attack(*args: str, cwd: Path, timeout: float = 150) -> subprocess.Comple
 # ---------------------------------------------------------------- tests
 
 
+
+def _flwr_run(
+    target: list[str], run_config: str, *, cwd: Path, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """``flwr run REPO TARGET... --run-config RUN_CONFIG --stream``, output captured."""
+    return subprocess.run(
+        [str(BIN / "flwr"), "run", str(REPO), *target, "--run-config", run_config, "--stream"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 def test_default_scenario_leaks_every_client_round_through_run_simulation(
     tmp_path: Path,
 ) -> None:
@@ -183,23 +199,11 @@ def test_flwr_run_writes_the_same_leak_log(tmp_path: Path, flwr_home: Path) -> N
     )
     out = tmp_path / "runs"
     # Execute
-    done = subprocess.run(
-        [
-            str(BIN / "flwr"),
-            "run",
-            str(REPO),
-            "--federation-config",
-            "num-supernodes=2",
-            "--run-config",
-            f"num-server-rounds=1 run-name='flwr-e2e' out-dir='{out}'",
-            "--stream",
-        ],
+    done = _flwr_run(
+        ["--federation-config", "num-supernodes=2"],
+        f"num-server-rounds=1 run-name='flwr-e2e' out-dir='{out}'",
         cwd=tmp_path,
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
     )
     # Assert
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -252,22 +256,11 @@ def test_deployment_engine_on_loopback(tmp_path: Path, flwr_home: Path) -> None:
                 log=f"supernode-{partition}.log",
             )  # fmt: skip
         # Execute
-        done = subprocess.run(
-            [
-                str(BIN / "flwr"),
-                "run",
-                str(REPO),
-                "loopback",
-                "--run-config",
-                f"num-server-rounds=1 run-name='deployed' out-dir='{out}'",
-                "--stream",
-            ],
+        done = _flwr_run(
+            ["loopback"],
+            f"num-server-rounds=1 run-name='deployed' out-dir='{out}'",
             cwd=tmp_path,
             env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
         )
     finally:
         # SuperNodes first (they retry forever), then the SuperLink: each by its group id
