@@ -11,7 +11,6 @@ from torch import nn
 
 from fl_attack.engine.evidence import gather_evidence
 from fl_attack.engine.registry import Shape, inverter_for, registered_types
-from fl_attack.engine.shared import shared_round
 from fl_attack.engine.types import (
     EngineError,
     LayerDiagnostics,
@@ -332,16 +331,15 @@ def reconstruct_many(
         error in place of a result, so one bad update does not stop the round.
     """
     results: list[Reconstruction | EngineError] = []
-    with shared_round():  # e.g. each conv layer's K^T K, built once for every client
-        for client in gradients:
-            try:
-                results.append(
-                    reconstruct(
-                        model, client, input_shape, options=options, input_floor=input_floor
-                    )
-                )
-            except EngineError as exc:
-                results.append(exc)
+    # Per-weight work (e.g. a conv layer's factorisation) is cached by the weights' digest
+    # (fl_attack.engine.shared), so the first client pays for it and the others reuse it.
+    for client in gradients:
+        try:
+            results.append(
+                reconstruct(model, client, input_shape, options=options, input_floor=input_floor)
+            )
+        except EngineError as exc:
+            results.append(exc)
     return results
 
 

@@ -1,40 +1,72 @@
-"""Work that depends only on the weights, done once for all the clients of a round."""
+"""Work that depends only on a layer's weights, done once and reused for every client.
+
+Every client of a round receives the same model, so a conv layer's weight matrix, its
+factorisation and its weakest directions are the same for all of them. They are kept in
+a small process-wide cache keyed by a digest of the weights: a new round (new weights)
+gets new entries, and attacking image after image on one model reuses them.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["per_round", "shared_round"]
+import torch
+
+__all__ = ["clear_weight_cache", "for_weights"]
 
 T = TypeVar("T")
 
-_ROUND: ContextVar[dict[Hashable, Any] | None] = ContextVar("fl_attack_round", default=None)
+# Entries kept: one round of a deep model needs one per conv layer that uses the cache.
+_MAX_ENTRIES = 16
+
+_CACHE: OrderedDict[tuple[Hashable, str], Any] = OrderedDict()
+_LOCK = threading.Lock()
 
 
-@contextmanager
-def shared_round() -> Iterator[None]:
-    """Within the block, :func:`per_round` computes each key once and then reuses it.
+def _digest(tensors: Sequence[torch.Tensor]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        flat = t.detach().to("cpu").contiguous()
+        h.update(str((flat.dtype, tuple(flat.shape))).encode())
+        h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return h.hexdigest()
 
-    The model must not change inside the block: keys name layers, not their weights.
+
+def for_weights(key: Hashable, weights: Sequence[torch.Tensor], compute: Callable[[], T]) -> T:
+    """``compute()``, cached under ``key`` and the exact bytes of ``weights``.
+
+    Parameters
+    ----------
+    key : hashable
+        What is computed and for which geometry (e.g. the input shape).
+    weights : sequence of torch.Tensor
+        Every tensor the result depends on; any change to them is a new entry.
+    compute : callable
+        Builds the value; called at most once per key and weights while cached.
+
+    Returns
+    -------
+    The cached value, shared between callers: it must not be modified.
     """
-    token = _ROUND.set({})
-    try:
-        yield
-    finally:
-        _ROUND.reset(token)
+    full = (key, _digest(weights))
+    with _LOCK:
+        if full in _CACHE:
+            _CACHE.move_to_end(full)
+            return _CACHE[full]
+    value = compute()  # outside the lock: may take a while, and two equal results are fine
+    with _LOCK:
+        _CACHE[full] = value
+        _CACHE.move_to_end(full)
+        while len(_CACHE) > _MAX_ENTRIES:
+            _CACHE.popitem(last=False)
+    return value
 
 
-def per_round(key: Hashable, compute: Callable[[], T]) -> T:
-    """``compute()``, cached under ``key`` for the current :func:`shared_round` (if any).
-
-    The cached value is shared between clients and must not be modified.
-    """
-    cache = _ROUND.get()
-    if cache is None:
-        return compute()
-    if key not in cache:
-        cache[key] = compute()
-    return cache[key]
+def clear_weight_cache() -> None:
+    """Forget every cached entry (e.g. to time the first client of a round)."""
+    with _LOCK:
+        _CACHE.clear()

@@ -1,15 +1,24 @@
-"""Least squares through the normal equations, in float64, with a numerical-rank estimate."""
+"""Least squares in float64: normal equations with a rank estimate, and a deflated solve.
+
+``solve_spd`` factorises a client's whole normal matrix. ``factor_square`` and
+``solve_deflated`` serve the common case of a square weight system shared by every client
+(a conv layer whose output is known everywhere): its sparse LU and the few directions it
+barely determines are computed once per weights; each client then needs one sparse solve
+plus a small least-squares problem on those directions.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import optimize
+from scipy import optimize, sparse
 from scipy.linalg import lapack
+from scipy.sparse.linalg import SuperLU, splu
 
-__all__ = ["SpdSolution", "solve_spd"]
+__all__ = ["SpdSolution", "SquareFactor", "factor_square", "solve_deflated", "solve_spd"]
 
 # Squared weight of the lost directions on an unknown above which it counts as undetermined.
 _LEVERAGE_TOL = 1e-10
@@ -162,3 +171,145 @@ def _pinned(lost: np.ndarray, on_bound: np.ndarray) -> bool:
         method="highs",
     )
     return bool(res.status == 0 and -res.fun <= 1e-9 * max(1.0, float(np.abs(cone).max())))
+
+
+@dataclass(frozen=True, slots=True)
+class SquareFactor:
+    """A square sparse system factorised once, with the directions it barely determines.
+
+    Attributes
+    ----------
+    lu : scipy.sparse.linalg.SuperLU
+        Sparse LU of ``K``.
+    basis : torch.Tensor
+        Orthonormal columns (n, k) spanning ``K``'s weakest directions (approximately its
+        right singular vectors of smallest singular value), float64.
+    k_basis : torch.Tensor
+        ``K @ basis``, (n, k).
+    k_gram : torch.Tensor
+        ``(K basis)^T (K basis)``, (k, k).
+    """
+
+    lu: SuperLU
+    basis: torch.Tensor
+    k_basis: torch.Tensor
+    k_gram: torch.Tensor
+
+
+def factor_square(kmat: sparse.spmatrix, width: int, *, seed: int = 0) -> SquareFactor | None:
+    """Sparse LU of a square ``K`` and a ``width``-column basis of its weakest directions.
+
+    The basis is a randomised range finder of ``K^-1`` with one power step
+    (``(K^T K)^-1 K^-1 Omega``): ``K^-1`` stretches direction ``i`` by ``1/sigma_i``, so the
+    range is dominated by the directions that noise in ``K z = o`` blows up.
+
+    Returns
+    -------
+    SquareFactor or None
+        None when ``K`` is singular to working precision (no LU).
+    """
+    n = kmat.shape[0]
+    if kmat.shape != (n, n) or n == 0:
+        return None
+    try:
+        lu = splu(sparse.csc_matrix(kmat, dtype=np.float64), permc_spec="COLAMD")
+    except RuntimeError:  # exactly singular
+        return None
+    width = max(1, min(width, n))
+    omega = np.random.default_rng(seed).standard_normal((n, width))
+    y = lu.solve(omega)
+    y = lu.solve(lu.solve(y, trans="T"))
+    if not np.isfinite(y).all():
+        return None
+    q, _ = np.linalg.qr(y)
+    basis = torch.from_numpy(np.ascontiguousarray(q))
+    k_basis = torch.from_numpy(np.asarray(kmat @ q))
+    return SquareFactor(lu=lu, basis=basis, k_basis=k_basis, k_gram=k_basis.T @ k_basis)
+
+
+def solve_deflated(
+    factor: SquareFactor,
+    target: torch.Tensor,
+    apply_other: Callable[[torch.Tensor], torch.Tensor],
+    other_rhs: torch.Tensor,
+    *,
+    k_scale: float,
+    rank_rtol: float,
+    free_rows: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """Least squares of ``[K / k_scale; A] z = [target / k_scale; other_rhs]`` near ``K^-1 target``.
+
+    The weight system is solved exactly, ``z0 = K^-1 target``; its error lies mostly along
+    ``K``'s weakest directions, which the other equations (``A``, the client's gradient
+    constraints) then settle: ``z = z0 + [basis, D] @ alpha`` with ``alpha`` the
+    least-squares solution of the stacked system on that subspace. Rows of ``K`` whose
+    right-hand side is unknown (``free_rows``) are dropped from the weight equations; their
+    value is one more unknown each, reached through ``D = K^-1 e_row``. Exact when the
+    subspace holds every direction the weight system leaves open; the caller checks the
+    residual.
+
+    Parameters
+    ----------
+    factor : SquareFactor
+        From :func:`factor_square` for ``K``.
+    target : torch.Tensor
+        Right-hand side of ``K z = target``, shape (n,); entries of free rows are guesses.
+    apply_other : callable
+        ``X (n, m) -> A @ X (rows, m)``.
+    other_rhs : torch.Tensor
+        Right-hand side of the other equations, shape (rows,).
+    k_scale : float
+        The weight rows' normalisation (their weight against the other rows).
+    rank_rtol : float
+        The small system must be better conditioned than ``1 / rank_rtol``.
+    free_rows : torch.Tensor, optional
+        Indices of rows of ``K`` whose right-hand side is unknown.
+
+    Returns
+    -------
+    torch.Tensor or None
+        ``z`` (n,) float64; None when the small system is rank-deficient at ``rank_rtol``
+        (the subspace does not determine the answer: use a full solve).
+    """
+    n = target.shape[0]
+    free = free_rows if free_rows is not None else torch.zeros(0, dtype=torch.long)
+    m = free.numel()
+    # One sparse solve for K^-1 target and, per free row, K^-1 e_row (it moves that row only).
+    columns = np.zeros((n, 1 + m))
+    columns[:, 0] = target.numpy()
+    columns[free.numpy(), np.arange(1, m + 1)] = 1.0
+    solved = torch.from_numpy(factor.lu.solve(columns))
+    if not bool(torch.isfinite(solved).all()):
+        return None
+    z0, reach = solved[:, 0], solved[:, 1:]
+    basis = factor.basis
+    # Gram of the weight rows on the basis, without the dropped (free) rows.
+    k_free = factor.k_basis[free] / k_scale
+    gram = factor.k_gram / (k_scale * k_scale) - k_free.T @ k_free
+    if m:
+        # K^-1 e_row lies mostly along the weakest directions already in the basis: keep only
+        # the part outside it (else the small system is near-singular for no real reason).
+        # On the kept rows K^-1 e_row maps to 0, so its outside part maps to -K basis coef.
+        coef = basis.T @ reach
+        reach = reach - basis @ coef
+        norms = reach.norm(dim=0)
+        if not bool((norms > 0).all()):
+            return None
+        reach /= norms
+        coef = coef / norms
+        cross = -(gram @ coef)
+        gram = torch.cat(
+            [torch.cat([gram, cross], dim=1), torch.cat([cross.T, -(coef.T @ cross)], dim=1)]
+        )
+        basis = torch.cat([basis, reach], dim=1)
+    av = apply_other(basis)
+    resid = other_rhs - apply_other(z0.unsqueeze(1)).squeeze(1)
+    small = gram + av.T @ av
+    top = float(small.diagonal().max())
+    chol, info = torch.linalg.cholesky_ex(small)
+    if int(info) != 0 or not bool((chol.diagonal() ** 2 > (rank_rtol**2) * top).all()):
+        return None
+    if _reciprocal_condition(chol, float(torch.linalg.matrix_norm(small, ord=1))) <= rank_rtol**2:
+        return None
+    alpha = torch.cholesky_solve((av.T @ resid).unsqueeze(1), chol).squeeze(1)
+    return z0 + basis @ alpha

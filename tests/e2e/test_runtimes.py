@@ -134,7 +134,6 @@ def _fl_attack(*args: str, cwd: Path, timeout: float = 150) -> subprocess.Comple
 # ---------------------------------------------------------------- tests
 
 
-
 def _flwr_run(
     target: list[str], run_config: str, *, cwd: Path, env: dict[str, str]
 ) -> subprocess.CompletedProcess[str]:

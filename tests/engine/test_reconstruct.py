@@ -20,6 +20,7 @@ from fl_attack.engine import (
     validate,
 )
 from fl_attack.engine.inverters import conv2d
+from fl_attack.engine.shared import clear_weight_cache
 from fl_attack.models import build_model
 
 
@@ -206,13 +207,14 @@ def test_reconstruct_many_equals_one_at_a_time_and_builds_weight_work_once(
     bad = {name: g[..., :1] for name, g in grads[0].items()}
     singles = [reconstruct(model, g, (1, 32, 32)) for g in grads]
     calls: list[int] = []
-    real = conv2d._weight_normal
+    real = conv2d._weight_matrix_of
 
     def counting(layer, *args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(id(layer))
         return real(layer, *args, **kwargs)
 
-    monkeypatch.setattr(conv2d, "_weight_normal", counting)
+    monkeypatch.setattr(conv2d, "_weight_matrix_of", counting)
+    clear_weight_cache()  # the single runs above filled it
     # Execute
     many = reconstruct_many(model, [*grads, bad], (1, 32, 32))
     # Assert: same images as one at a time; the bad client gets its error, in its place.
@@ -222,6 +224,6 @@ def test_reconstruct_many_equals_one_at_a_time_and_builds_weight_work_once(
         assert not isinstance(batch, ReconstructionError)
         torch.testing.assert_close(batch.image, one.image, rtol=1e-9, atol=1e-12)
         assert batch.label == one.label
-    # Each layer solved with weight constraints had its K^T K built once for all clients.
+    # Each layer solved with weight constraints had its weight matrix built once for all.
     assert calls
     assert len(calls) == len(set(calls))

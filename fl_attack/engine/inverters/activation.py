@@ -30,6 +30,9 @@ class Backward:
         Where ``pre_activation`` is exact enough to serve as a weight constraint.
     uncertain : torch.Tensor or None
         Units whose derivative is a close call; ``alt_derivative`` is the other choice.
+    alt_pre_activation : torch.Tensor or None
+        The pre-activation under the other choice, where it is defined (LeakyReLU: the
+        other branch); None when the other choice leaves it unknown (ReLU's zeros).
     zero_units, saturated_units : int
         Counts for the diagnostics.
     """
@@ -39,6 +42,7 @@ class Backward:
     recoverable: torch.Tensor
     uncertain: torch.Tensor | None = None
     alt_derivative: torch.Tensor | None = None
+    alt_pre_activation: torch.Tensor | None = None
     zero_units: int = 0
     saturated_units: int = 0
 
@@ -77,7 +81,7 @@ class ActivationInverter(Inverter):
         if uncertain is not None and back.alt_derivative is not None:
             # Outputs the layer above left undetermined are close calls too.
             uncertain = uncertain | ~output.known
-            known = known & ~uncertain
+            known = known & ~(uncertain & ~_value_settled(output.value, back, options))
             alt = output.grad * back.alt_derivative
         signal = Signal(
             value=back.pre_activation,
@@ -96,3 +100,19 @@ class ActivationInverter(Inverter):
             ambiguous_units=int(uncertain.sum()) if uncertain is not None else 0,
         )
         return signal, diag
+
+
+def _value_settled(y: torch.Tensor, back: Backward, options: SolveOptions) -> torch.Tensor:
+    """Close calls whose pre-activation is still fit to be a weight constraint.
+
+    A close call's gradient stays open (the layer below settles it), but its value is
+    sound when the call is clear of the noise (``|y|`` above ``sqrt(eps)`` of the largest
+    output) or when both calls give the same pre-activation to within that noise level.
+    """
+    if back.alt_pre_activation is None:
+        return torch.zeros_like(y, dtype=torch.bool)
+    noise = options.eps**0.5
+    clear = y.abs() > noise * float(y.abs().max())
+    spread = (back.pre_activation - back.alt_pre_activation).abs()
+    same = spread <= noise * float(back.pre_activation.abs().max())
+    return clear | same

@@ -13,8 +13,8 @@ from scipy import sparse
 from torch import nn
 
 from fl_attack.engine.registry import Inverter, Shape, register_inverter
-from fl_attack.engine.shared import per_round
-from fl_attack.engine.solve import solve_spd
+from fl_attack.engine.shared import for_weights
+from fl_attack.engine.solve import SpdSolution, factor_square, solve_deflated, solve_spd
 from fl_attack.engine.types import LayerDiagnostics, Signal, SolveOptions
 
 __all__ = ["Conv2dInverter", "conv_geometry", "settle_by_bias"]
@@ -23,6 +23,15 @@ __all__ = ["Conv2dInverter", "conv_geometry", "settle_by_bias"]
 _MAX_ENUMERATED = 14
 # Rounds of the mask <-> input fixed point for many close calls.
 _MASK_ITERATIONS = 12
+# Square weight systems from this many unknowns up go through the shared factorisation
+# (below, a client's own dense solve takes a few milliseconds anyway).
+_FACTORED_MIN = 1024
+# Weakest directions kept per unknown of the factorised system (1 in 32), and its bounds.
+_DEFLATION_RATIO = 32
+_DEFLATION_MIN = 32
+_DEFLATION_MAX = 512
+# Rows of unknown output the factorised solve takes on (each costs the client a sparse solve).
+_MAX_FREE_ROWS = 32
 
 
 def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
@@ -194,9 +203,7 @@ class Conv2dInverter(Inverter):
             )
             if refined is not None:
                 d_out, resolved, unresolved = refined, resolved + unresolved, 0
-        g, b_grad = _gradient_system(d_out, d_weight, layer, input_shape, options)
-        gram = g.T @ g
-        rhs_grad = g.T @ b_grad  # (hw, c)
+        g, b_grad, kept = _gradient_system(d_out, d_weight, layer, input_shape, options)
         equations = int(g.shape[0]) * c
         bias = layer.bias.detach().to(torch.float64) if layer.bias is not None else None
         known = output.known.reshape(-1)
@@ -206,8 +213,8 @@ class Conv2dInverter(Inverter):
         determined = torch.ones(c, h, w, dtype=torch.bool)
         per_channel = (
             solve_spd(
-                gram,
-                rhs_grad,
+                g.T @ g,
+                g.T @ b_grad,  # (hw, c)
                 rank_rtol=options.rank_rtol,
                 floor=input_floor if n_weight == 0 else None,
             )
@@ -226,44 +233,68 @@ class Conv2dInverter(Inverter):
             scale = b_grad.square().sum()
         else:
             # Add weight constraints O - b = conv(z, W) where the output is known.
-            target = output.value.reshape(layer.out_channels, -1)
+            target_all = output.value.reshape(layer.out_channels, -1)
             if bias is not None:
-                target = target - bias[:, None]
-            target = target.reshape(-1)[known]
-            kfull, kk_full, row_sq = per_round(
-                ("conv2d-weight-normal", id(layer), tuple(input_shape)),
-                lambda: _weight_normal(layer, weight, input_shape),
+                target_all = target_all - bias[:, None]
+            target_all = target_all.reshape(-1)
+            target = target_all[known]
+            geometry = _geometry_key(layer, input_shape)
+            kfull, row_sq = for_weights(
+                ("conv2d-weight-matrix", geometry),
+                [weight],
+                lambda: _weight_matrix_of(layer, weight, input_shape),
             )
             rows = known.numpy()
             # Rows scaled to unit RMS norm; divided twice, never squared (tiny weights would
             # overflow a squared scale).
             rms = float(np.sqrt(row_sq[rows].mean())) if rows.any() else 0.0
             rms = rms if rms > 0.0 else 1.0
-            kmat = kfull[rows] / rms
-            target = target / rms
-            # K^T K of the known rows: the round's full product minus the few unknown rows,
-            # scaled on the way (the division makes the client's own copy).
-            kk = kk_full / rms
-            kk /= rms
-            if not rows.all():
-                dropped = kfull[~rows] / rms
-                down = (dropped.T @ dropped).tocoo()
-                np.subtract.at(kk, (down.row, down.col), down.data)
-            normal = torch.from_numpy(kk)
-            for k in range(c):  # the gradient rows repeat per channel: add G^T G in place
-                normal[k * hw : (k + 1) * hw, k * hw : (k + 1) * hw] += gram
-            kt_target = torch.from_numpy(kmat.T @ target.numpy())
-            rhs = rhs_grad.T.reshape(-1) + kt_target
-            solution = solve_spd(normal, rhs, rank_rtol=options.rank_rtol, floor=input_floor)
-            z = solution.x.reshape(c, h, w)
-            if solution.undetermined is not None:
+            z_flat, solution = None, None
+            free = torch.nonzero(~known).flatten()
+            square = kfull.shape[0] == kfull.shape[1] >= _FACTORED_MIN
+            if square and free.numel() <= _MAX_FREE_ROWS:
+                z_flat = _solve_factored(
+                    layer,
+                    weight,
+                    input_shape,
+                    geometry,
+                    kfull,
+                    target_all,
+                    free,
+                    g,
+                    b_grad,
+                    kept,
+                    rms,
+                    options,
+                )
+            if z_flat is None:
+                solution = _solve_dense(
+                    weight,
+                    input_shape,
+                    geometry,
+                    kfull,
+                    rows,
+                    rms,
+                    g,
+                    b_grad,
+                    target,
+                    options,
+                    input_floor,
+                )
+                z_flat = solution.x
+            z = z_flat.reshape(c, h, w)
+            if solution is not None and solution.undetermined is not None:
                 determined = (~solution.undetermined).reshape(c, h, w)
-            w_resid = torch.from_numpy(kmat @ z.reshape(-1).numpy()) - target
+            target = target / rms
+            w_resid = (torch.from_numpy(kfull @ z.reshape(-1).numpy()) - target_all)[known] / rms
             resid = (g @ z.reshape(c, hw).T - b_grad).square().sum() + w_resid.square().sum()
             scale = b_grad.square().sum() + target.square().sum()
-            rank, used = solution.rank, "gradient+weight"
-            if solution.bounded:
-                used += "+bound"
+            if solution is None:
+                rank, used = c * hw, "gradient+weight (factored)"
+            else:
+                rank, used = solution.rank, "gradient+weight"
+                if solution.bounded:
+                    used += "+bound"
             equations += n_weight
 
         with torch.enable_grad():
@@ -286,15 +317,160 @@ class Conv2dInverter(Inverter):
         return signal, diag
 
 
-def _weight_normal(
+def _geometry_key(layer: nn.Conv2d, input_shape: Shape) -> tuple[object, ...]:
+    """Everything besides the weights that the weight matrix depends on."""
+    return (
+        tuple(int(x) for x in input_shape),
+        tuple(layer.weight.shape),
+        _pair(layer.stride),
+        _pair(layer.dilation),
+        _left_padding(layer),
+        isinstance(layer.padding, str) and layer.padding == "same",
+    )
+
+
+def _weight_matrix_of(
     layer: nn.Conv2d, weight: torch.Tensor, input_shape: Shape
-) -> tuple[sparse.csr_matrix, np.ndarray, np.ndarray]:
-    """``K`` (every output row), dense ``K^T K`` and the squared row norms: weights only."""
+) -> tuple[sparse.csr_matrix, np.ndarray]:
+    """``K`` (every output row) and its squared row norms: weights only."""
     c, h, w = input_shape
     fij, pq, u, v, (f_out, ho, wo) = conv_geometry(layer, input_shape)
     kmat = _weight_matrix(weight, fij, pq, u, v, (c, h, w), f_out * ho * wo)
     row_sq = np.asarray(kmat.multiply(kmat).sum(axis=1)).ravel()
-    return kmat, (kmat.T @ kmat).toarray(), row_sq
+    return kmat, row_sq
+
+
+def _solve_factored(
+    layer: nn.Conv2d,
+    weight: torch.Tensor,
+    input_shape: Shape,
+    geometry: tuple[object, ...],
+    kfull: sparse.csr_matrix,
+    target: torch.Tensor,
+    free: torch.Tensor,
+    g: torch.Tensor,
+    b_grad: torch.Tensor,
+    kept: torch.Tensor,
+    rms: float,
+    options: SolveOptions,
+) -> torch.Tensor | None:
+    """The stacked least squares through the weights' shared factorisation, if it holds.
+
+    Used when the weight system is square and the output is known nearly everywhere
+    (``free``: the few rows whose output is not, e.g. close activation calls): its sparse
+    LU and weakest directions are built once per weights (every client of a round shares
+    them), and each client adds only its gradient constraints on those directions. The
+    answer is kept only if it fits both families of constraints to the dtype's noise level
+    (``sqrt(eps)``); otherwise None and the caller solves the full normal equations.
+    """
+    c, h, w = input_shape
+    hw = h * w
+    n = c * hw
+    width = min(max(n // _DEFLATION_RATIO, _DEFLATION_MIN), _DEFLATION_MAX, n)
+    factor = for_weights(
+        ("conv2d-square-factor", geometry, width),
+        [weight],
+        lambda: factor_square(kfull, width),
+    )
+    if factor is None:
+        return None
+
+    blocks = [(r, cols, g[r][:, cols]) for r, cols in _row_blocks(layer, input_shape, kept)]
+
+    def apply_gradient_rows(x: torch.Tensor) -> torch.Tensor:
+        # (c*hw, m) -> (c*rows, m): the same row matrix g acts on every channel, one block
+        # of rows (and the only columns they touch) at a time.
+        per_channel = x.reshape(c, hw, -1)
+        out = torch.empty(c, g.shape[0], x.shape[1], dtype=x.dtype)
+        for r, cols, sub in blocks:
+            out[:, r] = torch.matmul(sub, per_channel[:, cols])
+        return out.reshape(-1, x.shape[1])
+
+    rhs = b_grad.T.reshape(-1)
+    z = solve_deflated(
+        factor,
+        target,
+        apply_gradient_rows,
+        rhs,
+        k_scale=rms,
+        rank_rtol=options.rank_rtol,
+        free_rows=free,
+    )
+    if z is None:
+        return None
+    kept = torch.ones_like(target, dtype=torch.bool)
+    kept[free] = False
+    w_resid = (torch.from_numpy(kfull @ z.numpy()) - target)[kept] / rms
+    resid = (apply_gradient_rows(z.unsqueeze(1)).squeeze(1) - rhs).square().sum()
+    resid = resid + w_resid.square().sum()
+    scale = rhs.square().sum() + (target[kept] / rms).square().sum()
+    if float((resid / scale.clamp_min(1e-300)).sqrt()) > options.eps**0.5:
+        return None
+    return z
+
+
+def _row_blocks(
+    layer: nn.Conv2d, input_shape: Shape, kept: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Gradient rows (positions in ``kept``) grouped by the one pixel phase they read.
+
+    With stride ``s``, kernel tap ``(i, j)`` only ever meets input pixels ``u`` with
+    ``u = s*p + i*d - pad``, one of ``s*s`` interleaved grids: block by block, the rows
+    cost ``1/s^2`` of a dense product.
+    """
+    _, h, w = input_shape
+    (kh, kw), (sh, sw) = _pair(layer.kernel_size), _pair(layer.stride)
+    (dh, dw), (ph, pw) = _pair(layer.dilation), _left_padding(layer)
+    i = (kept // kw) % kh
+    j = kept % kw
+    phase = ((i * dh - ph) % sh) * sw + (j * dw - pw) % sw
+    u = torch.arange(h).view(-1, 1).expand(h, w).reshape(-1)
+    v = torch.arange(w).view(1, -1).expand(h, w).reshape(-1)
+    blocks = []
+    for a in range(sh):
+        for b in range(sw):
+            rows = torch.nonzero(phase == a * sw + b).flatten()
+            if rows.numel():
+                cols = torch.nonzero((u % sh == a) & (v % sw == b)).flatten()
+                blocks.append((rows, cols))
+    return blocks
+
+
+def _solve_dense(
+    weight: torch.Tensor,
+    input_shape: Shape,
+    geometry: tuple[object, ...],
+    kfull: sparse.csr_matrix,
+    rows: np.ndarray,
+    rms: float,
+    g: torch.Tensor,
+    b_grad: torch.Tensor,
+    target: torch.Tensor,
+    options: SolveOptions,
+    input_floor: float | None,
+) -> SpdSolution:
+    """The stacked least squares through the client's own dense normal matrix."""
+    c, h, w = input_shape
+    hw = h * w
+    kk_full = for_weights(
+        ("conv2d-weight-normal", geometry), [weight], lambda: (kfull.T @ kfull).toarray()
+    )
+    kmat = kfull[rows] / rms
+    # K^T K of the known rows: the full product minus the few unknown rows, scaled on the
+    # way (the division makes the client's own copy).
+    kk = kk_full / rms
+    kk /= rms
+    if not rows.all():
+        dropped = kfull[~rows] / rms
+        down = (dropped.T @ dropped).tocoo()
+        np.subtract.at(kk, (down.row, down.col), down.data)
+    normal = torch.from_numpy(kk)
+    gram = g.T @ g
+    for k in range(c):  # the gradient rows repeat per channel: add G^T G in place
+        normal[k * hw : (k + 1) * hw, k * hw : (k + 1) * hw] += gram
+    kt_target = torch.from_numpy(kmat.T @ (target / rms).numpy())
+    rhs = (g.T @ b_grad).T.reshape(-1) + kt_target
+    return solve_spd(normal, rhs, rank_rtol=options.rank_rtol, floor=input_floor)
 
 
 def _weight_matrix(
@@ -358,8 +534,10 @@ def _gradient_system(
     layer: nn.Conv2d,
     input_shape: Shape,
     options: SolveOptions,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradient constraints ``G z_c = B[:, c]``: one matrix G (rows f,i,j; columns u,v).
+
+    Also returns the flat ``f*kh*kw + i*kw + j`` index of each kept row.
 
     Rows of a filter whose output gradient is (numerically) zero carry only noise: they are
     dropped, and the family is scaled as a whole so that small rows keep small weight.
@@ -374,7 +552,7 @@ def _gradient_system(
     rows = norms > float(norms.max()) * options.eps**0.5
     scale = 1.0 / float(norms[rows].square().mean().sqrt()) if bool(rows.any()) else 1.0
     b_grad = d_weight.reshape(f_out, c, kh * kw).permute(0, 2, 1).reshape(n_rows, c)
-    return g[rows] * scale, b_grad[rows] * scale
+    return g[rows] * scale, b_grad[rows] * scale, torch.nonzero(rows).flatten()
 
 
 def _refine_relu_mask(
@@ -403,7 +581,7 @@ def _refine_relu_mask(
     tolerance = options.eps**0.5
     for _ in range(_MASK_ITERATIONS):
         d_out = torch.where(uncertain, total * mask, grad)
-        g, b_grad = _gradient_system(d_out, d_weight, layer, input_shape, options)
+        g, b_grad, _ = _gradient_system(d_out, d_weight, layer, input_shape, options)
         if g.shape[0] < h * w:
             return None
         z = torch.linalg.lstsq(g, b_grad).solution  # (hw, c)

@@ -40,4 +40,5 @@ class LeakyReLUInverter(ActivationInverter):
             recoverable=torch.ones_like(y, dtype=torch.bool),
             uncertain=uncertain,
             alt_derivative=torch.where(positive, low, one),
+            alt_pre_activation=torch.where(positive, y / slope, y),
         )
