@@ -24,6 +24,9 @@ __all__ = ["SpdSolution", "SquareFactor", "factor_square", "solve_deflated", "so
 _LEVERAGE_TOL = 1e-10
 # Largest system the bounded solve takes on (Lawson-Hanson is cubic in the worst case).
 _MAX_BOUNDED = 2048
+# A free row's direction whose part outside the deflation basis is smaller than this
+# fraction of it is already reachable through the basis.
+_OUTSIDE_RTOL = 1e-6
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,11 +294,12 @@ def solve_deflated(
         # the part outside it (else the small system is near-singular for no real reason).
         # On the kept rows K^-1 e_row maps to 0, so its outside part maps to -K basis coef.
         coef = basis.T @ reach
+        whole = reach.norm(dim=0)
         reach = reach - basis @ coef
         norms = reach.norm(dim=0)
-        if not bool((norms > 0).all()):
-            return None
-        reach /= norms
+        # A direction (almost) inside the basis adds nothing the basis cannot reach.
+        outside = norms > _OUTSIDE_RTOL * whole
+        reach, coef, norms = reach[:, outside] / norms[outside], coef[:, outside], norms[outside]
         coef = coef / norms
         cross = -(gram @ coef)
         gram = torch.cat(

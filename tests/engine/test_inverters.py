@@ -14,6 +14,7 @@ from fl_attack.engine import (
     registered_types,
     trace,
 )
+from fl_attack.engine.inverters import conv2d
 from fl_attack.engine.inverters.relu import zero_threshold
 from fl_attack.engine.registry import inverter_for, register_inverter
 
@@ -183,3 +184,53 @@ def test_relu_zero_threshold_separates_noise_from_signal_despite_exact_zeros(
     tau = zero_threshold(y, options)
     # Assert: every zero (exact or noisy) below, every activation above.
     assert noise[1] < tau < signal
+
+
+@pytest.mark.parametrize("unknown_outputs", [0, 12])
+def test_square_conv_goes_through_the_shared_factorisation_and_matches_the_dense_solve(
+    monkeypatch: pytest.MonkeyPatch, unknown_outputs: int
+) -> None:
+    # Prepare: rconv-main's first layer (3 -> 12, stride 2, 32 x 32: 3072 x 3072 weights),
+    # its output known everywhere but at a few units (close activation calls).
+    shape = (3, 32, 32)
+    conv = nn.Conv2d(3, 12, 5, stride=2, padding=2).double()
+    nn.init.uniform_(conv.weight, -0.5, 0.5)
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(3072, 5)).double()
+    x = torch.rand(shape, dtype=torch.float64)
+    truth = trace(model, x, 1)["0"]
+    known = torch.ones(truth.output.shape, dtype=torch.bool)
+    known.view(-1)[torch.randperm(known.numel())[:unknown_outputs]] = False
+    grads = _grads(model, x, 1)
+    signal_in = Signal(value=truth.output, known=known, grad=truth.grad_output)
+    layer_grads = {"weight": grads["0.weight"], "bias": grads["0.bias"]}
+
+    def invert() -> tuple[Signal, object]:
+        return inverter_for(conv).invert(conv, "0", layer_grads, signal_in, shape, F64)
+
+    # Execute: the factorised path, then the client's own dense normal equations.
+    fast, fast_diag = invert()
+    monkeypatch.setattr(conv2d, "_FACTORED_MIN", 10**9)
+    dense, dense_diag = invert()
+    # Assert: both exact, and the same answer.
+    assert "factored" in fast_diag.constraints
+    assert "factored" not in dense_diag.constraints
+    assert fast_diag.rank == dense_diag.rank == x.numel()
+    assert_all_close({"input": truth.input}, {"input": fast.value}, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(fast.value, dense.value, rtol=1e-8, atol=1e-9)
+
+
+def test_leaky_relu_close_calls_keep_their_value_only_when_it_is_sound() -> None:
+    # Prepare: one clear unit, a close call right at the noise floor (either branch gives
+    # almost the same pre-activation) and one in between (the branches disagree).
+    layer = nn.LeakyReLU(0.2)
+    options = SolveOptions.for_dtype(torch.float32)  # noise floor sqrt(eps) = 3.5e-4
+    y = torch.tensor([1.0, 2e-5, 2e-4, -0.3], dtype=torch.float64)
+    grad = torch.ones_like(y)
+    # Execute
+    signal, diag = inverter_for(layer).invert(layer, "a", {}, _full_signal(y, grad), (4,), options)
+    # Assert: all three small ones are close calls for the gradient; the value of the
+    # middle one is left open, the one at the floor is kept.
+    assert signal.uncertain is not None
+    assert signal.uncertain.tolist() == [False, True, True, False]
+    assert signal.known.tolist() == [True, True, False, True]
+    assert diag.ambiguous_units == 2

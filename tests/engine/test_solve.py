@@ -1,0 +1,99 @@
+"""Oracle tests for the least-squares solvers: each against a dense least-squares solve."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import sparse
+
+from fl_attack.engine.shared import clear_weight_cache, for_weights
+from fl_attack.engine.solve import factor_square, solve_deflated
+
+
+def _system(n: int, rows: int, seed: int) -> tuple[sparse.csr_matrix, torch.Tensor]:
+    """A sparse, well-posed square K (banded plus diagonal) and a dense A."""
+    rng = np.random.default_rng(seed)
+    k = sparse.random(n, n, density=0.05, random_state=rng) + sparse.eye(n) * 2.0
+    a = torch.from_numpy(rng.standard_normal((rows, n)))
+    return sparse.csr_matrix(k), a
+
+
+def _dense_lstsq(k: np.ndarray, a: torch.Tensor, o: torch.Tensor, b: torch.Tensor, scale: float):
+    stacked = torch.cat([torch.from_numpy(k) / scale, a])
+    return torch.linalg.lstsq(stacked, torch.cat([o / scale, b])).solution
+
+
+@pytest.mark.parametrize("free", [0, 5])
+def test_deflated_solve_with_a_full_basis_is_the_exact_least_squares(free: int) -> None:
+    # Prepare: inconsistent equations (noise on both families), a few free weight rows.
+    n, rows, scale = 120, 40, 1.7
+    k, a = _system(n, rows, seed=free)
+    gen = torch.Generator().manual_seed(1)
+    z = torch.rand(n, dtype=torch.float64, generator=gen)
+    o = torch.from_numpy(k @ z.numpy()) + 1e-3 * torch.randn(n, dtype=torch.float64, generator=gen)
+    b = a @ z + 1e-3 * torch.randn(rows, dtype=torch.float64, generator=gen)
+    free_rows = torch.arange(0, n, n // max(free, 1))[:free]
+    kept = torch.ones(n, dtype=torch.bool)
+    kept[free_rows] = False
+    factor = factor_square(k, width=n)
+    assert factor is not None
+    # Execute
+    got = solve_deflated(
+        factor, o, lambda x: a @ x, b, k_scale=scale, rank_rtol=1e-7, free_rows=free_rows
+    )
+    # Assert: with every direction in the basis the subspace is the whole space.
+    expected = _dense_lstsq(k.toarray()[kept.numpy()], a, o[kept], b, scale)
+    assert got is not None
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+
+
+def test_deflated_solve_settles_the_weakest_directions_from_the_other_equations() -> None:
+    # Prepare: K with a few tiny singular values, exact data; A sees everything.
+    rng = np.random.default_rng(3)
+    n = 200
+    u, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    v, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    sigma = np.ones(n)
+    sigma[:4] = 1e-9
+    k = sparse.csr_matrix(u @ np.diag(sigma) @ v.T)
+    a = torch.from_numpy(rng.standard_normal((30, n)))
+    z = torch.from_numpy(rng.random(n))
+    o, b = torch.from_numpy(k @ z.numpy()), a @ z
+    o = o + 1e-12 * torch.from_numpy(rng.standard_normal(n))  # blown up by 1e9 alone
+    factor = factor_square(k, width=16)
+    assert factor is not None
+    # Execute
+    alone = torch.from_numpy(factor.lu.solve(o.numpy()))
+    got = solve_deflated(factor, o, lambda x: a @ x, b, k_scale=1.0, rank_rtol=1e-7)
+    # Assert: the weight system alone is off along its weak directions; deflated it is not.
+    assert float((alone - z).abs().max()) > 1e-4
+    assert got is not None
+    torch.testing.assert_close(got, z, rtol=0, atol=1e-7)
+
+
+def test_a_singular_weight_system_has_no_factor() -> None:
+    k = sparse.csr_matrix(np.diag([1.0, 2.0, 0.0]))
+    assert factor_square(k, width=2) is None
+    assert factor_square(sparse.csr_matrix(np.ones((3, 2))), width=2) is None
+
+
+def test_weight_cache_computes_once_per_weights_and_again_when_they_change() -> None:
+    # Prepare
+    clear_weight_cache()
+    calls: list[int] = []
+    w = torch.ones(3)
+
+    def compute() -> int:
+        calls.append(1)
+        return len(calls)
+
+    # Execute / Assert: same bytes -> cached; one changed bit -> recomputed.
+    assert for_weights("k", [w], compute) == 1
+    assert for_weights("k", [w.clone()], compute) == 1
+    assert for_weights("other", [w], compute) == 2
+    w2 = w.clone()
+    w2[0] = torch.nextafter(w2[0], torch.tensor(2.0))
+    assert for_weights("k", [w2], compute) == 3
+    clear_weight_cache()
+    assert for_weights("k", [w], compute) == 4
