@@ -186,16 +186,25 @@ def test_relu_zero_threshold_separates_noise_from_signal_despite_exact_zeros(
     assert noise[1] < tau < signal
 
 
-@pytest.mark.parametrize("unknown_outputs", [0, 12])
-def test_square_conv_goes_through_the_shared_factorisation_and_matches_the_dense_solve(
-    monkeypatch: pytest.MonkeyPatch, unknown_outputs: int
+@pytest.mark.parametrize(
+    ("shape", "unknown_outputs", "path"),
+    [
+        # rconv-main's first layer: 3 -> 12, stride 2, a square 3072 x 3072 weight system.
+        ((3, 32, 32), 0, "factored"),
+        ((3, 32, 32), 12, "factored"),  # a few close activation calls above it
+        # dlg-lenet's second layer: 12 -> 12, stride 2; the gradient rows leave 16 of each
+        # channel's 256 directions open.
+        ((12, 16, 16), 0, "gradient-first"),
+    ],
+)
+def test_large_conv_takes_its_fast_path_and_matches_the_dense_solve(
+    monkeypatch: pytest.MonkeyPatch, shape: tuple[int, int, int], unknown_outputs: int, path: str
 ) -> None:
-    # Prepare: rconv-main's first layer (3 -> 12, stride 2, 32 x 32: 3072 x 3072 weights),
-    # its output known everywhere but at a few units (close activation calls).
-    shape = (3, 32, 32)
-    conv = nn.Conv2d(3, 12, 5, stride=2, padding=2).double()
+    # Prepare: the layer, its true output (known everywhere but at a few units) and gradient.
+    conv = nn.Conv2d(shape[0], 12, 5, stride=2, padding=2).double()
     nn.init.uniform_(conv.weight, -0.5, 0.5)
-    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(3072, 5)).double()
+    out_size = 12 * (shape[1] // 2) * (shape[2] // 2)
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(out_size, 5)).double()
     x = torch.rand(shape, dtype=torch.float64)
     truth = trace(model, x, 1)["0"]
     known = torch.ones(truth.output.shape, dtype=torch.bool)
@@ -207,13 +216,13 @@ def test_square_conv_goes_through_the_shared_factorisation_and_matches_the_dense
     def invert() -> tuple[Signal, object]:
         return inverter_for(conv).invert(conv, "0", layer_grads, signal_in, shape, F64)
 
-    # Execute: the factorised path, then the client's own dense normal equations.
+    # Execute: the fast path, then the client's own dense normal equations.
     fast, fast_diag = invert()
     monkeypatch.setattr(conv2d, "_FACTORED_MIN", 10**9)
     dense, dense_diag = invert()
     # Assert: both exact, and the same answer.
-    assert "factored" in fast_diag.constraints
-    assert "factored" not in dense_diag.constraints
+    assert f"({path})" in fast_diag.constraints
+    assert "(" not in dense_diag.constraints
     assert fast_diag.rank == dense_diag.rank == x.numel()
     assert_all_close({"input": truth.input}, {"input": fast.value}, rtol=1e-7, atol=1e-8)
     torch.testing.assert_close(fast.value, dense.value, rtol=1e-8, atol=1e-9)

@@ -30,6 +30,12 @@ _FACTORED_MIN = 1024
 _DEFLATION_RATIO = 32
 _DEFLATION_MIN = 32
 _DEFLATION_MAX = 512
+# Gradient-first solve: directions whose eigenvalue of G^T G is below _POOR_RATIO of the
+# largest must be re-solved with the weight rows, those below _WEAK_RATIO may be; at most
+# _MAX_WEAK_FRACTION of a channel's pixels in all.
+_POOR_RATIO = 1e-4
+_WEAK_RATIO = 1e-2
+_MAX_WEAK_FRACTION = 0.25
 # Rows of unknown output the factorised solve takes on (each costs the client a sparse solve).
 _MAX_FREE_ROWS = 32
 
@@ -249,10 +255,17 @@ class Conv2dInverter(Inverter):
             # overflow a squared scale).
             rms = float(np.sqrt(row_sq[rows].mean())) if rows.any() else 0.0
             rms = rms if rms > 0.0 else 1.0
-            z_flat, solution = None, None
+            z_flat, solution, fast = None, None, ""
             free = torch.nonzero(~known).flatten()
             square = kfull.shape[0] == kfull.shape[1] >= _FACTORED_MIN
-            if square and free.numel() <= _MAX_FREE_ROWS:
+            if per_channel is not None and c * hw >= _FACTORED_MIN:
+                # The gradient rows nearly determine each channel: the weights settle the rest.
+                z_flat = _solve_gradient_first(
+                    layer, weight, input_shape, known, target_all, g, b_grad, rms, options
+                )
+                fast = "gradient-first"
+            if z_flat is None and square and free.numel() <= _MAX_FREE_ROWS:
+                fast = "factored"
                 z_flat = _solve_factored(
                     layer,
                     weight,
@@ -290,7 +303,7 @@ class Conv2dInverter(Inverter):
             resid = (g @ z.reshape(c, hw).T - b_grad).square().sum() + w_resid.square().sum()
             scale = b_grad.square().sum() + target.square().sum()
             if solution is None:
-                rank, used = c * hw, "gradient+weight (factored)"
+                rank, used = c * hw, f"gradient+weight ({fast})"
             else:
                 rank, used = solution.rank, "gradient+weight"
                 if solution.bounded:
@@ -407,6 +420,73 @@ def _solve_factored(
     if float((resid / scale.clamp_min(1e-300)).sqrt()) > options.eps**0.5:
         return None
     return z
+
+
+def _solve_gradient_first(
+    layer: nn.Conv2d,
+    weight: torch.Tensor,
+    input_shape: Shape,
+    known: torch.Tensor,
+    target: torch.Tensor,
+    g: torch.Tensor,
+    b_grad: torch.Tensor,
+    rms: float,
+    options: SolveOptions,
+) -> torch.Tensor | None:
+    """Least squares when the gradient rows determine all but a few directions per channel.
+
+    ``G`` is the same for every channel, so one eigen-decomposition of ``G^T G`` splits each
+    channel into directions ``G`` pins well and weak ones (eigenvalues below
+    ``_WEAK_RATIO`` of the largest). The strong part is ``G``'s own least-squares answer;
+    the weak part of all channels is then solved from both families at once, a system of
+    ``channels * weak`` unknowns instead of ``channels * pixels``. Kept only if it fits both
+    families to ``sqrt(eps)``; else None.
+    """
+    c, h, w = input_shape
+    hw = h * w
+    evals, evecs = torch.linalg.eigh(g.T @ g)  # ascending
+    top = float(evals[-1])
+    # Every poorly pinned direction goes to the joint solve, and more of the weak ones as
+    # long as the joint system stays small.
+    must = int((evals <= _POOR_RATIO * top).sum())
+    d = max(must, min(int((evals <= _WEAK_RATIO * top).sum()), int(hw * _MAX_WEAK_FRACTION)))
+    if must == 0 or d > hw * _MAX_WEAK_FRACTION:
+        return None
+    weak = torch.zeros(hw, dtype=torch.bool)
+    weak[:d] = True
+    strong, basis = evecs[:, ~weak], evecs[:, weak]  # (hw, hw - d), (hw, d)
+    gtb = g.T @ b_grad  # (hw, c)
+    z_g = strong @ ((strong.T @ gtb) / evals[~weak].unsqueeze(1))  # (hw, c)
+    # Weight rows on the weak directions: conv of each basis image, one input channel at a
+    # time (column block k of K times the basis).
+    images = basis.T.reshape(d, 1, h, w)
+    blocks = [
+        F.conv2d(images, weight[:, k : k + 1], None, layer.stride, layer.padding, layer.dilation)
+        .reshape(d, -1)
+        .T[known]
+        for k in range(c)
+    ]
+    k_basis = torch.cat(blocks, dim=1) / rms  # (known rows, c*d), columns (channel, weak)
+    k_zg = F.conv2d(
+        z_g.T.reshape(1, c, h, w), weight, None, layer.stride, layer.padding, layer.dilation
+    ).reshape(-1)[known]
+    r_weight = (target[known] - k_zg) / rms
+    # Normal equations on (channel, weak): G^T G is diagonal there, the same per channel.
+    small = k_basis.T @ k_basis
+    small.diagonal().add_(evals[weak].repeat(c))
+    rhs = (basis.T @ gtb).T.reshape(-1) + k_basis.T @ r_weight
+    chol, info = torch.linalg.cholesky_ex(small)
+    biggest = float(small.diagonal().max())
+    if int(info) != 0 or not bool((chol.diagonal() ** 2 > options.rank_rtol**2 * biggest).all()):
+        return None
+    gamma = torch.cholesky_solve(rhs.unsqueeze(1), chol).reshape(c, d)
+    z = z_g + basis @ gamma.T  # (hw, c)
+    k_z = k_zg + (k_basis @ gamma.reshape(-1)) * rms
+    resid = (g @ z - b_grad).square().sum() + ((k_z - target[known]) / rms).square().sum()
+    scale = b_grad.square().sum() + (target[known] / rms).square().sum()
+    if float((resid / scale.clamp_min(1e-300)).sqrt()) > options.eps**0.5:
+        return None
+    return z.T.reshape(-1)
 
 
 def _row_blocks(
