@@ -139,6 +139,7 @@ def one_at_a_time(
                 "psnr": _score(x, result),
                 "label_ok": not isinstance(result, EngineError) and result.label == labels[index],
                 "cold": cold or index == 0,
+                "error": isinstance(result, EngineError),
                 "notes": [str(result)] if isinstance(result, EngineError) else list(result.notes),
             }
         )
@@ -156,13 +157,19 @@ def _describe(options: DLGOptions) -> str:
 
 
 def summary(rows: list[Row]) -> Row:
-    """Median/min of the per-image rows (only the warm ones when there are any)."""
+    """Median/min of the per-image rows (only the warm ones when there are any).
+
+    Times are taken over the images the attack inverted: an update that carries nothing
+    (e.g. a saturated loss) is refused within milliseconds and counted under ``errors``.
+    """
     warm = [r for r in rows if not r.get("cold", False)]
     rows = warm or rows
+    timed = [r for r in rows if not r.get("error", False)] or rows
     psnrs = [r["psnr"] for r in rows]
     return {
         "n": len(rows),
-        "median_ms": statistics.median(r["ms"] for r in rows),
+        "errors": sum(bool(r.get("error", False)) for r in rows),
+        "median_ms": statistics.median(r["ms"] for r in timed),
         "median_psnr": statistics.median(psnrs),
         "min_psnr": min(psnrs),
         "label_accuracy": sum(r["label_ok"] for r in rows) / len(rows),
@@ -419,6 +426,11 @@ def federation(args: argparse.Namespace, log: Callable[[str], None]) -> Row:
     return {"clients": args.clients, "rounds": args.rounds, **runs, "ratio": ratio}
 
 
+def _refused(row: Row) -> str:
+    errors = int(row.get("errors", 0))
+    return f" ({errors} refused: no information, not timed)" if errors else ""
+
+
 def table(results: Row) -> Table:
     """The figures as one rich table."""
     out = Table(
@@ -440,14 +452,14 @@ def table(results: Row) -> Table:
                 f"R-CONV {name}, one at a time",
                 f"{row['median_ms']:.1f} ms/img",
                 db(row),
-                f"median of {row['n']}, weights' factorisation already built",
+                f"median of {row['n']}{_refused(row)}, weights' factorisation already built",
             )
             row = results[key]["cold_summary"]
             out.add_row(
                 f"R-CONV {name}, first image of a model",
                 f"{row['median_ms']:.1f} ms/img",
                 db(row),
-                f"median of {row['n']}, builds the weights' factorisation",
+                f"median of {row['n']}{_refused(row)}, builds the weights' factorisation",
             )
     if "round" in results:
         row = results["round"]
@@ -475,7 +487,8 @@ def table(results: Row) -> Table:
                 f"R-CONV {scale['architecture']} at {point['side']} px",
                 f"{point['median_s']:.3f} s/img",
                 db(point),
-                f"median of {point['n']}; first image {point['first_image_s']:.3f} s",
+                f"median of {point['n']}{_refused(point)}; first image "
+                f"{point['first_image_s']:.3f} s",
             )
         for side in scale["timed_out_sides"]:
             if str(side) in scale["failed"]:
