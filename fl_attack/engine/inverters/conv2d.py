@@ -217,9 +217,16 @@ class Conv2dInverter(Inverter):
 
         # Fewer gradient rows than pixels cannot determine a channel: skip straight to both.
         determined = torch.ones(c, h, w, dtype=torch.bool)
+        grams: list[torch.Tensor] = []
+
+        def gram() -> torch.Tensor:  # G^T G, built on first use (the factored path needs none)
+            if not grams:
+                grams.append(_gram(g, _row_blocks(layer, input_shape, kept)))
+            return grams[0]
+
         per_channel = (
             solve_spd(
-                g.T @ g,
+                gram(),
                 g.T @ b_grad,  # (hw, c)
                 rank_rtol=options.rank_rtol,
                 floor=input_floor if n_weight == 0 else None,
@@ -261,7 +268,7 @@ class Conv2dInverter(Inverter):
             if per_channel is not None and c * hw >= _FACTORED_MIN:
                 # The gradient rows nearly determine each channel: the weights settle the rest.
                 z_flat = _solve_gradient_first(
-                    layer, weight, input_shape, known, target_all, g, b_grad, rms, options
+                    layer, weight, input_shape, known, target_all, g, gram(), b_grad, rms, options
                 )
                 fast = "gradient-first"
             if z_flat is None and square and free.numel() <= _MAX_FREE_ROWS:
@@ -289,6 +296,7 @@ class Conv2dInverter(Inverter):
                     rows,
                     rms,
                     g,
+                    gram(),
                     b_grad,
                     target,
                     options,
@@ -429,6 +437,7 @@ def _solve_gradient_first(
     known: torch.Tensor,
     target: torch.Tensor,
     g: torch.Tensor,
+    gram: torch.Tensor,
     b_grad: torch.Tensor,
     rms: float,
     options: SolveOptions,
@@ -444,7 +453,7 @@ def _solve_gradient_first(
     """
     c, h, w = input_shape
     hw = h * w
-    evals, evecs = torch.linalg.eigh(g.T @ g)  # ascending
+    evals, evecs = torch.linalg.eigh(gram)  # ascending
     top = float(evals[-1])
     # Every poorly pinned direction goes to the joint solve, and more of the weak ones as
     # long as the joint system stays small.
@@ -489,6 +498,15 @@ def _solve_gradient_first(
     return z.T.reshape(-1)
 
 
+def _gram(g: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """``G^T G`` block by block: rows that read different pixel phases never meet."""
+    out = torch.zeros(g.shape[1], g.shape[1], dtype=g.dtype)
+    for rows, cols in blocks:
+        sub = g[rows][:, cols]
+        out[cols.unsqueeze(1), cols.unsqueeze(0)] += sub.T @ sub
+    return out
+
+
 def _row_blocks(
     layer: nn.Conv2d, input_shape: Shape, kept: torch.Tensor
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -524,6 +542,7 @@ def _solve_dense(
     rows: np.ndarray,
     rms: float,
     g: torch.Tensor,
+    gram: torch.Tensor,
     b_grad: torch.Tensor,
     target: torch.Tensor,
     options: SolveOptions,
@@ -535,20 +554,20 @@ def _solve_dense(
     kk_full = for_weights(
         ("conv2d-weight-normal", geometry), [weight], lambda: (kfull.T @ kfull).toarray()
     )
-    kmat = kfull[rows] / rms
     # K^T K of the known rows: the full product minus the few unknown rows, scaled on the
     # way (the division makes the client's own copy).
     kk = kk_full / rms
     kk /= rms
     if not rows.all():
         dropped = kfull[~rows] / rms
-        down = (dropped.T @ dropped).tocoo()
-        np.subtract.at(kk, (down.row, down.col), down.data)
+        down = (dropped.T @ dropped).tocoo()  # summed: each (row, col) once
+        kk[down.row, down.col] -= down.data
     normal = torch.from_numpy(kk)
-    gram = g.T @ g
     for k in range(c):  # the gradient rows repeat per channel: add G^T G in place
         normal[k * hw : (k + 1) * hw, k * hw : (k + 1) * hw] += gram
-    kt_target = torch.from_numpy(kmat.T @ (target / rms).numpy())
+    known_target = np.zeros(kfull.shape[0])
+    known_target[rows] = (target / rms).numpy()
+    kt_target = torch.from_numpy(kfull.T @ known_target / rms)
     rhs = (g.T @ b_grad).T.reshape(-1) + kt_target
     return solve_spd(normal, rhs, rank_rtol=options.rank_rtol, floor=input_floor)
 
