@@ -195,6 +195,9 @@ def test_relu_zero_threshold_separates_noise_from_signal_despite_exact_zeros(
         # dlg-lenet's second layer: 12 -> 12, stride 2; the gradient rows leave 16 of each
         # channel's 256 directions open.
         ((12, 16, 16), 0, "gradient-first"),
+        # rconv-main's first layer on a one-channel image: 3072 weight rows, 1024 unknowns.
+        ((1, 32, 32), 0, "woodbury"),
+        ((1, 32, 32), 12, "woodbury"),
     ],
 )
 def test_large_conv_takes_its_fast_path_and_matches_the_dense_solve(

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import sparse
+from scipy.linalg import lapack
 from torch import nn
 
 from fl_attack.engine.registry import Inverter, Shape, register_inverter
@@ -36,6 +37,11 @@ _DEFLATION_MAX = 512
 _POOR_RATIO = 1e-4
 _WEAK_RATIO = 1e-2
 _MAX_WEAK_FRACTION = 0.25
+# Weight systems with this many rows per unknown count as tall (well conditioned): their
+# inverse normal matrix is built once per weights if its reciprocal condition is above
+# _TALL_RCOND.
+_TALL_RATIO = 2
+_TALL_RCOND = 1e-8
 # Rows of unknown output the factorised solve takes on (each costs the client a sparse solve).
 _MAX_FREE_ROWS = 32
 
@@ -287,6 +293,23 @@ class Conv2dInverter(Inverter):
                     rms,
                     options,
                 )
+            tall = kfull.shape[0] >= _TALL_RATIO * kfull.shape[1] and c * hw >= _FACTORED_MIN
+            if z_flat is None and tall and free.numel() <= _MAX_FREE_ROWS:
+                fast = "woodbury"
+                z_flat = _solve_tall(
+                    layer,
+                    weight,
+                    input_shape,
+                    geometry,
+                    kfull,
+                    target_all,
+                    free,
+                    g,
+                    b_grad,
+                    kept,
+                    rms,
+                    options,
+                )
             if z_flat is None:
                 solution = _solve_dense(
                     weight,
@@ -496,6 +519,96 @@ def _solve_gradient_first(
     if float((resid / scale.clamp_min(1e-300)).sqrt()) > options.eps**0.5:
         return None
     return z.T.reshape(-1)
+
+
+def _solve_tall(
+    layer: nn.Conv2d,
+    weight: torch.Tensor,
+    input_shape: Shape,
+    geometry: tuple[object, ...],
+    kfull: sparse.csr_matrix,
+    target: torch.Tensor,
+    free: torch.Tensor,
+    g: torch.Tensor,
+    b_grad: torch.Tensor,
+    kept: torch.Tensor,
+    rms: float,
+    options: SolveOptions,
+) -> torch.Tensor | None:
+    """The stacked least squares through the weights' inverse normal matrix (Woodbury).
+
+    With many more weight rows than unknowns (a one-channel image under 12 filters),
+    ``P = K^T K`` is well conditioned; its inverse is built once per weights. A client's
+    normal matrix is ``P`` plus its gradient rows ``G^T G`` minus its few free weight rows,
+    a low-rank change: the Woodbury identity needs one small system of
+    ``channels * gradient rows + free rows`` unknowns. Kept only if it fits both families to
+    ``sqrt(eps)``; else None.
+    """
+    c, h, w = input_shape
+    hw, n = h * w, c * h * w
+    inverse = for_weights(
+        ("conv2d-normal-inverse", geometry), [weight], lambda: _normal_inverse(kfull)
+    )
+    if inverse is None:
+        return None
+    scale2 = rms * rms  # (K^T K / rms^2)^-1 = scale2 * inverse, applied to small results
+    kept_rows = torch.ones(kfull.shape[0], dtype=torch.bool)
+    kept_rows[free] = False
+    known_target = torch.where(kept_rows, target, torch.zeros_like(target)) / rms
+    h_vec = torch.from_numpy(kfull.T @ known_target.numpy()) / rms
+    h_vec += (g.T @ b_grad).T.reshape(-1)
+    # Low-rank terms: every channel's gradient rows (+1) and the free weight rows (-1).
+    rows_g = g.shape[0]
+    blocks = _row_blocks(layer, input_shape, kept)
+    width = c * rows_g + free.numel()
+    # (P^-1 U)^T row by row; P^-1 is symmetric, so a block of its rows serves as columns.
+    pu_t = torch.empty(width, n, dtype=torch.float64)
+    for k in range(c):
+        for r, cols in blocks:
+            pu_t[k * rows_g + r] = g[r][:, cols] @ inverse[k * hw + cols]
+    k_free = torch.from_numpy(kfull[free.numpy()].toarray()) / rms if free.numel() else None
+    if k_free is not None:
+        pu_t[c * rows_g :] = k_free @ inverse
+    pu_t *= scale2
+    # U^T P^-1 U, and U^T x for the right-hand side.
+    per_channel = pu_t.reshape(width, c, hw)
+    capacitance = torch.empty(width, width, dtype=torch.float64)
+    for k in range(c):
+        capacitance[:, k * rows_g : (k + 1) * rows_g] = per_channel[:, k] @ g.T
+    if k_free is not None:
+        capacitance[:, c * rows_g :] = pu_t @ k_free.T
+    signs = torch.ones(width, dtype=torch.float64)
+    signs[c * rows_g :] = -1.0
+    capacitance.diagonal().add_(signs)  # S^-1 = S for S = diag(+-1)
+    z_p = (inverse @ h_vec) * scale2
+    u_t_zp = torch.cat(
+        [(g @ z_p.reshape(c, hw).T).T.reshape(-1)] + ([k_free @ z_p] if k_free is not None else [])
+    )
+    correction, info = torch.linalg.solve_ex(capacitance, u_t_zp.unsqueeze(1))
+    if int(info) != 0:
+        return None
+    z = z_p - (pu_t.T @ correction).squeeze(1)
+    w_resid = (torch.from_numpy(kfull @ z.numpy()) - target)[kept_rows] / rms
+    resid = (g @ z.reshape(c, hw).T - b_grad).square().sum() + w_resid.square().sum()
+    scale = b_grad.square().sum() + known_target.square().sum()
+    if not bool(torch.isfinite(z).all()):
+        return None
+    if float((resid / scale.clamp_min(1e-300)).sqrt()) > options.eps**0.5:
+        return None
+    return z
+
+
+def _normal_inverse(kfull: sparse.csr_matrix) -> torch.Tensor | None:
+    """``(K^T K)^-1`` when ``K^T K`` is well conditioned (else None), float64."""
+    normal = torch.from_numpy((kfull.T @ kfull).toarray())
+    factor, info = torch.linalg.cholesky_ex(normal)
+    if int(info) != 0:
+        return None
+    anorm = float(torch.linalg.matrix_norm(normal, ord=1))
+    rcond, info = lapack.dpocon(factor.numpy(), anorm, uplo="L")
+    if info != 0 or rcond < _TALL_RCOND:
+        return None
+    return torch.cholesky_inverse(factor)
 
 
 def _gram(g: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
