@@ -61,6 +61,8 @@ WIDE: tuple[tuple[int, int, Callable[[], nn.Module]], ...] = (
     (48, 1, nn.ReLU),
 )
 MEMORY_CASES = ("baseline", "rconv-one", "rconv-round", "dlg-one")
+# Scaling draws its images from the first count * _SCALING_POOL (skipping empty updates).
+_SCALING_POOL = 4
 # DLG as published (300 L-BFGS steps of up to 20 evaluations, no early stop; Zhu et al.,
 # NeurIPS 2019) and with this project's plateau stop (the attack's default).
 DLG_VARIANTS = {
@@ -225,13 +227,24 @@ def _scaling_builder(sides: list[int]) -> tuple[str, dict[str, list[str]]]:
 def scaling_probe(architecture: str, side: int, count: int, data_dir: Path | None) -> list[Row]:
     """Attack ``count`` images at one side, one at a time (runs in a child process).
 
-    The first image builds the per-weights factorisation; the others reuse it.
+    The first image builds the per-weights factorisation; the others reuse it. Images whose
+    update carries nothing (a saturated loss: every gradient entry exactly 0, refused in
+    milliseconds) would time the refusal, not the attack: the first ``count`` images with a
+    non-zero gradient are used instead.
     """
-    images, labels = _images(data_dir, count, side)
+    pool, pool_labels = _images(data_dir, count * _SCALING_POOL, side)
     model = (
         _wide_model(side) if architecture == "rconv-wide" else _model("rconv-main", "ReLU", side)
     )
-    return one_at_a_time("rconv", model, images, labels)
+    chosen = [
+        i
+        for i, grads in enumerate(_gradients(model, pool, pool_labels))
+        if any(bool(g.any()) for g in grads.values())
+    ][:count]
+    rows = one_at_a_time("rconv", model, pool[chosen], [pool_labels[i] for i in chosen])
+    for row, index in zip(rows, chosen, strict=True):
+        row["index"] = index
+    return rows
 
 
 def _memory_cap(gib: float) -> Callable[[], None]:
@@ -557,7 +570,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the FL runs")
     parser.add_argument("--skip-fl", action="store_true", help="leave out the FL runs")
     parser.add_argument("--skip-memory", action="store_true", help="leave out the memory probes")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1, as the server attacks with)"
+    )
     parser.add_argument(
         "--probe-gib", type=float, default=8.0, help="memory cap of each probe subprocess (GiB)"
     )

@@ -8,6 +8,7 @@ from torch import nn
 
 from fl_attack.engine import (
     INVERTERS,
+    ReconstructionError,
     Signal,
     SolveOptions,
     assert_all_close,
@@ -246,3 +247,26 @@ def test_leaky_relu_close_calls_keep_their_value_only_when_it_is_sound() -> None
     assert signal.uncertain.tolist() == [False, True, True, False]
     assert signal.known.tolist() == [True, True, False, True]
     assert diag.ambiguous_units == 2
+
+
+def test_a_dense_solve_too_large_for_memory_is_refused_with_the_way_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: a layer that needs the full dense solve, under a tiny memory limit.
+    shape = (3, 16, 16)
+    conv = nn.Conv2d(3, 12, 5, stride=2, padding=2).double()
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(768, 5)).double()
+    x = torch.rand(shape, dtype=torch.float64)
+    truth = trace(model, x, 1)["0"]
+    grads = _grads(model, x, 1)
+    monkeypatch.setattr(conv2d, "_DENSE_MAX_BYTES", 1000)
+    # Execute / Assert: a typed engine error naming the layer, the size and what to do.
+    with pytest.raises(ReconstructionError, match=r"layer 0 \(Conv2d\).*768 unknowns.*filters"):
+        inverter_for(conv).invert(
+            conv,
+            "0",
+            {"weight": grads["0.weight"], "bias": grads["0.bias"]},
+            _full_signal(truth.output, truth.grad_output),
+            shape,
+            F64,
+        )

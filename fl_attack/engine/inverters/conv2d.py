@@ -16,7 +16,7 @@ from torch import nn
 from fl_attack.engine.registry import Inverter, Shape, register_inverter
 from fl_attack.engine.shared import for_weights
 from fl_attack.engine.solve import SpdSolution, factor_square, solve_deflated, solve_spd
-from fl_attack.engine.types import LayerDiagnostics, Signal, SolveOptions
+from fl_attack.engine.types import LayerDiagnostics, ReconstructionError, Signal, SolveOptions
 
 __all__ = ["Conv2dInverter", "conv_geometry", "settle_by_bias"]
 
@@ -42,6 +42,8 @@ _MAX_WEAK_FRACTION = 0.25
 # _TALL_RCOND.
 _TALL_RATIO = 2
 _TALL_RCOND = 1e-8
+# Largest dense normal matrix a layer may build (bytes): beyond it the layer is refused.
+_DENSE_MAX_BYTES = 4 * 2**30
 # Rows of unknown output the factorised solve takes on (each costs the client a sparse solve).
 _MAX_FREE_ROWS = 32
 
@@ -311,6 +313,7 @@ class Conv2dInverter(Inverter):
                     options,
                 )
             if z_flat is None:
+                _check_dense_size(name, c * hw, fast)
                 solution = _solve_dense(
                     weight,
                     input_shape,
@@ -645,6 +648,19 @@ def _row_blocks(
                 cols = torch.nonzero((u % sh == a) & (v % sw == b)).flatten()
                 blocks.append((rows, cols))
     return blocks
+
+
+def _check_dense_size(name: str, unknowns: int, tried: str) -> None:
+    """Refuse a dense normal matrix too large for memory, with the reason and the way out."""
+    need = unknowns * unknowns * 8
+    if need <= _DENSE_MAX_BYTES:
+        return
+    before = f"the {tried} solve did not fit the constraints to the noise level; " if tried else ""
+    raise ReconstructionError(
+        f"layer {name} (Conv2d): {before}the full solve of its {unknowns} unknowns needs a "
+        f"{need / 2**30:.1f} GiB dense matrix (limit {_DENSE_MAX_BYTES / 2**30:.0f} GiB): use a "
+        "smaller input, or more filters so that the gradient rows determine each channel"
+    )
 
 
 def _solve_dense(
