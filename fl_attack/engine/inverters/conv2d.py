@@ -42,8 +42,11 @@ _MAX_WEAK_FRACTION = 0.25
 # _TALL_RCOND.
 _TALL_RATIO = 2
 _TALL_RCOND = 1e-8
-# Largest dense normal matrix a layer may build (bytes): beyond it the layer is refused.
+# Most memory a layer's dense solve may take (bytes): the normal matrix lives in about
+# _DENSE_COPIES copies at once (the weights' K^T K, the client's, the factor or eigenvectors).
+# Beyond it the layer is refused with the reason.
 _DENSE_MAX_BYTES = 4 * 2**30
+_DENSE_COPIES = 4
 # Rows of unknown output the factorised solve takes on (each costs the client a sparse solve).
 _MAX_FREE_ROWS = 32
 
@@ -652,14 +655,14 @@ def _row_blocks(
 
 def _check_dense_size(name: str, unknowns: int, tried: str) -> None:
     """Refuse a dense normal matrix too large for memory, with the reason and the way out."""
-    need = unknowns * unknowns * 8
+    need = unknowns * unknowns * 8 * _DENSE_COPIES
     if need <= _DENSE_MAX_BYTES:
         return
     before = f"the {tried} solve did not fit the constraints to the noise level; " if tried else ""
     raise ReconstructionError(
-        f"layer {name} (Conv2d): {before}the full solve of its {unknowns} unknowns needs a "
-        f"{need / 2**30:.1f} GiB dense matrix (limit {_DENSE_MAX_BYTES / 2**30:.0f} GiB): use a "
-        "smaller input, or more filters so that the gradient rows determine each channel"
+        f"layer {name} (Conv2d): {before}the full solve of its {unknowns} unknowns needs about "
+        f"{need / 2**30:.1f} GiB of dense matrices (limit {_DENSE_MAX_BYTES / 2**30:.0f} GiB): "
+        "use a smaller input, or more filters so that the gradient rows determine each channel"
     )
 
 
