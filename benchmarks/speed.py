@@ -166,12 +166,13 @@ def summary(rows: list[Row]) -> Row:
     """
     warm = [r for r in rows if not r.get("cold", False)]
     rows = warm or rows
-    timed = [r for r in rows if not r.get("error", False)] or rows
+    timed = [r["ms"] for r in rows if not r.get("error", False)]
     psnrs = [r["psnr"] for r in rows]
     return {
         "n": len(rows),
         "errors": sum(bool(r.get("error", False)) for r in rows),
-        "median_ms": statistics.median(r["ms"] for r in timed),
+        # nan when every image was refused: there is no attack to time
+        "median_ms": statistics.median(timed) if timed else math.nan,
         "median_psnr": statistics.median(psnrs),
         "min_psnr": min(psnrs),
         "label_accuracy": sum(r["label_ok"] for r in rows) / len(rows),
@@ -300,17 +301,22 @@ def scaling(args: argparse.Namespace, log: Callable[[str], None]) -> Row:
         rows = json.loads(done.stdout.strip().splitlines()[-1])
         point = {"side": side, "pixels": side * side, **summary(rows)}
         point["median_s"] = point.pop("median_ms") / 1e3
-        point["first_image_s"] = rows[0]["ms"] / 1e3  # builds the weights' factorisation
+        # The first image builds the weights' factorisation (nan if it was refused).
+        point["first_image_s"] = math.nan if rows[0].get("error") else rows[0]["ms"] / 1e3
         points.append(point)
         log(
             f"scaling {side} px: {point['median_s']:.3f} s/image, first image "
             f"{point['first_image_s']:.3f} s, {point['median_psnr']:.1f} dB"
         )
-    exponent = exponent_first = float("nan")
-    if len(points) >= 2:
-        x = np.log([p["pixels"] for p in points])
-        exponent = float(np.polyfit(x, np.log([p["median_s"] for p in points]), 1)[0])
-        exponent_first = float(np.polyfit(x, np.log([p["first_image_s"] for p in points]), 1)[0])
+
+    def fit(key: str) -> float:  # log-log slope over the sides where an image was inverted
+        usable = [p for p in points if math.isfinite(p[key])]
+        if len(usable) < 2:
+            return math.nan
+        x = np.log([p["pixels"] for p in usable])
+        return float(np.polyfit(x, np.log([p[key] for p in usable]), 1)[0])
+
+    exponent, exponent_first = fit("median_s"), fit("first_image_s")
     return {
         "architecture": architecture,
         "rconv_main_rejected": rejected,
@@ -574,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=1, help="torch threads (1, as the server attacks with)"
     )
     parser.add_argument(
-        "--probe-gib", type=float, default=8.0, help="memory cap of each probe subprocess (GiB)"
+        "--probe-gib", type=float, default=12.0, help="memory cap of each probe subprocess (GiB)"
     )
     parser.add_argument("--data-dir", type=Path, default=None, help="npz subsets folder")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "speed.json")

@@ -45,7 +45,7 @@ _TALL_RCOND = 1e-8
 # Most memory a layer's dense solve may take (bytes): the normal matrix lives in about
 # _DENSE_COPIES copies at once (the weights' K^T K, the client's, the factor or eigenvectors).
 # Beyond it the layer is refused with the reason.
-_DENSE_MAX_BYTES = 4 * 2**30
+_DENSE_MAX_BYTES = 8 * 2**30
 _DENSE_COPIES = 4
 # Rows of unknown output the factorised solve takes on (each costs the client a sparse solve).
 _MAX_FREE_ROWS = 32
