@@ -447,7 +447,7 @@ def federation(args: argparse.Namespace, log: Callable[[str], None]) -> Row:
 
 def _refused(row: Row) -> str:
     errors = int(row.get("errors", 0))
-    return f" ({errors} refused: no information, not timed)" if errors else ""
+    return f" ({errors} refused by the engine, not timed)" if errors else ""
 
 
 def table(results: Row) -> Table:
