@@ -54,6 +54,10 @@ def save_side_by_side(
     return path
 
 
+# Clients per row of the round picture; more wrap into further rows.
+_GRID_COLUMNS = 16
+
+
 def save_round_grid(
     path: Path,
     originals: Sequence[torch.Tensor | None],
@@ -83,11 +87,20 @@ def save_round_grid(
     Path
         ``path``.
     """
-    columns = max(len(leaks), 1)
-    fig, axes = plt.subplots(2, columns, figsize=(1.45 * columns + 0.4, 3.6), squeeze=False)
-    for col in range(columns):
-        top, bottom = axes[0][col], axes[1][col]
-        for ax, image in ((top, _at(originals, col)), (bottom, _at(leaks, col))):
+    count = max(len(leaks), 1)
+    columns = min(count, _GRID_COLUMNS)
+    bands = -(-count // columns)  # each band: a row of originals over a row of leaks
+    fig, axes = plt.subplots(
+        2 * bands, columns, figsize=(1.45 * columns + 0.4, 3.0 * bands + 0.6), squeeze=False
+    )
+    for slot in range(bands * columns):
+        band, col = divmod(slot, columns)
+        top, bottom = axes[2 * band][col], axes[2 * band + 1][col]
+        if slot >= count:  # the last band's unused places
+            top.set_axis_off()
+            bottom.set_axis_off()
+            continue
+        for ax, image in ((top, _at(originals, slot)), (bottom, _at(leaks, slot))):
             ax.set_xticks([])
             ax.set_yticks([])
             if image is None:
@@ -95,10 +108,11 @@ def save_round_grid(
                 continue
             gray = "gray" if image.shape[0] == 1 else None
             ax.imshow(to_display(image), cmap=gray, vmin=0, vmax=1)
-        top.set_title(_at(headers, col) or "", fontsize=7)
-        bottom.set_xlabel(_at(captions, col) or "", fontsize=7)
-    axes[0][0].set_ylabel("original", fontsize=8)
-    axes[1][0].set_ylabel("leaked", fontsize=8)
+        top.set_title(_at(headers, slot) or "", fontsize=7)
+        bottom.set_xlabel(_at(captions, slot) or "", fontsize=7)
+    for band in range(bands):
+        axes[2 * band][0].set_ylabel("original", fontsize=8)
+        axes[2 * band + 1][0].set_ylabel("leaked", fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
