@@ -8,23 +8,46 @@ gets new entries, and attacking image after image on one model reuses them.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
+from scipy import sparse
 
 __all__ = ["clear_weight_cache", "for_weights"]
 
 T = TypeVar("T")
 
-# Entries kept: one round of a deep model needs one per conv layer that uses the cache.
+# Entries kept: one round of a deep model needs a few per conv layer that uses the cache.
 _MAX_ENTRIES = 16
+# Memory the cached values may hold together (the newest entry is kept whatever its size).
+_MAX_BYTES = 2 * 2**30
 
-_CACHE: OrderedDict[tuple[Hashable, str], Any] = OrderedDict()
+_CACHE: OrderedDict[tuple[Hashable, str], tuple[Any, int]] = OrderedDict()
 _LOCK = threading.Lock()
+
+
+def _nbytes(value: object) -> int:
+    """Rough memory held by a cached value (tensors, arrays, sparse factors, containers)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    if sparse.issparse(value):
+        parts = ("data", "indices", "indptr")
+        return sum(int(getattr(value, a).nbytes) for a in parts if hasattr(value, a))
+    if hasattr(value, "L") and hasattr(value, "U"):  # a SuperLU factorisation
+        return 12 * int(value.L.nnz + value.U.nnz)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return sum(_nbytes(getattr(value, f.name)) for f in dataclasses.fields(value))
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return 0
 
 
 def _digest(tensors: Sequence[torch.Tensor]) -> str:
@@ -56,12 +79,15 @@ def for_weights(key: Hashable, weights: Sequence[torch.Tensor], compute: Callabl
     with _LOCK:
         if full in _CACHE:
             _CACHE.move_to_end(full)
-            return _CACHE[full]
+            return _CACHE[full][0]
     value = compute()  # outside the lock: may take a while, and two equal results are fine
     with _LOCK:
-        _CACHE[full] = value
+        _CACHE[full] = (value, _nbytes(value))
         _CACHE.move_to_end(full)
-        while len(_CACHE) > _MAX_ENTRIES:
+        # Oldest first out, past the count or the memory budget; the newest always stays.
+        while len(_CACHE) > 1 and (
+            len(_CACHE) > _MAX_ENTRIES or sum(size for _, size in _CACHE.values()) > _MAX_BYTES
+        ):
             _CACHE.popitem(last=False)
     return value
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy import sparse
 
+from fl_attack.engine import shared
 from fl_attack.engine.shared import clear_weight_cache, for_weights
 from fl_attack.engine.solve import factor_square, solve_deflated
 
@@ -97,3 +98,25 @@ def test_weight_cache_computes_once_per_weights_and_again_when_they_change() -> 
     assert for_weights("k", [w2], compute) == 3
     clear_weight_cache()
     assert for_weights("k", [w], compute) == 4
+
+
+def test_weight_cache_drops_the_oldest_entries_past_its_memory_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: a budget of two 1 KiB values.
+    clear_weight_cache()
+    monkeypatch.setattr(shared, "_MAX_BYTES", 2048)
+    calls: list[int] = []
+
+    def kib() -> torch.Tensor:
+        calls.append(1)
+        return torch.zeros(128, dtype=torch.float64)  # 1 KiB
+
+    # Execute: three different weights, then the first again.
+    for value in (1.0, 2.0, 3.0, 1.0):
+        for_weights("k", [torch.tensor([value])], kib)
+    # Assert: the first entry was dropped to make room, so it was computed again.
+    assert len(calls) == 4
+    for_weights("k", [torch.tensor([3.0])], kib)
+    assert len(calls) == 4  # the newest two are still there
+    clear_weight_cache()
