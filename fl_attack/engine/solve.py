@@ -18,7 +18,14 @@ from scipy import optimize, sparse
 from scipy.linalg import lapack
 from scipy.sparse.linalg import SuperLU, splu
 
-__all__ = ["SpdSolution", "SquareFactor", "factor_square", "solve_deflated", "solve_spd"]
+__all__ = [
+    "SpdSolution",
+    "SquareFactor",
+    "factor_square",
+    "solve_deflated",
+    "solve_spd",
+    "well_posed_cholesky",
+]
 
 # Squared weight of the lost directions on an unknown above which it counts as undetermined.
 _LEVERAGE_TOL = 1e-10
@@ -64,6 +71,30 @@ def _reciprocal_condition(factor: torch.Tensor, anorm: float) -> float:
     return float(rcond) if info == 0 else 0.0
 
 
+def well_posed_cholesky(matrix: torch.Tensor, rank_rtol: float) -> torch.Tensor | None:
+    """Lower Cholesky factor of ``A^T A`` when ``A`` is better conditioned than ``1 / rank_rtol``.
+
+    None when the factorisation fails, a pivot is tiny against the largest diagonal entry
+    (a lower bound of the largest eigenvalue), or LAPACK's condition estimate is too poor.
+    """
+    well_posed = _well_posed(matrix, rank_rtol, float(torch.linalg.matrix_norm(matrix, ord=1)))
+    return None if well_posed is None else well_posed[0]
+
+
+def _well_posed(
+    matrix: torch.Tensor, rank_rtol: float, anorm: float
+) -> tuple[torch.Tensor, float] | None:
+    """:func:`well_posed_cholesky` given the 1-norm; also returns the reciprocal condition."""
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if int(info) != 0:
+        return None
+    top = float(matrix.diagonal().max())
+    if not bool((factor.diagonal() ** 2 > (rank_rtol**2) * top).all()):
+        return None
+    rcond = _reciprocal_condition(factor, anorm)
+    return (factor, rcond) if rcond > rank_rtol**2 else None
+
+
 def solve_spd(
     normal: torch.Tensor, rhs: torch.Tensor, *, rank_rtol: float, floor: float | None = None
 ) -> SpdSolution:
@@ -100,18 +131,13 @@ def solve_spd(
             condition=float("inf"),
             undetermined=torch.ones(n, dtype=torch.bool),
         )
-    factor, info = torch.linalg.cholesky_ex(normal)
-    if int(info) == 0:
-        # A tiny pivot (against the largest diagonal entry, a lower bound of the largest
-        # eigenvalue) or a poor condition estimate sends the system to the
-        # eigen-decomposition, which then decides the rank exactly.
-        top = float(normal.diagonal().max())
-        pivots_ok = bool((factor.diagonal() ** 2 > (rank_rtol**2) * top).all())
-        if pivots_ok:
-            rcond = _reciprocal_condition(factor, anorm)
-            if rcond > rank_rtol**2:
-                x = torch.cholesky_solve(rhs.reshape(n, -1), factor).reshape(rhs.shape)
-                return SpdSolution(x=x, rank=n, condition=rcond**-0.5)
+    # A failed, tiny-pivot or poorly conditioned factorisation sends the system to the
+    # eigen-decomposition, which then decides the rank exactly.
+    well_posed = _well_posed(normal, rank_rtol, anorm)
+    if well_posed is not None:
+        factor, rcond = well_posed
+        x = torch.cholesky_solve(rhs.reshape(n, -1), factor).reshape(rhs.shape)
+        return SpdSolution(x=x, rank=n, condition=rcond**-0.5)
     # Rank-deficient or nearly so: keep only the directions the data determine.
     evals, evecs = torch.linalg.eigh(normal)
     keep = evals > (rank_rtol**2) * float(evals[-1])
@@ -308,12 +334,8 @@ def solve_deflated(
         basis = torch.cat([basis, reach], dim=1)
     av = apply_other(basis)
     resid = other_rhs - apply_other(z0.unsqueeze(1)).squeeze(1)
-    small = gram + av.T @ av
-    top = float(small.diagonal().max())
-    chol, info = torch.linalg.cholesky_ex(small)
-    if int(info) != 0 or not bool((chol.diagonal() ** 2 > (rank_rtol**2) * top).all()):
-        return None
-    if _reciprocal_condition(chol, float(torch.linalg.matrix_norm(small, ord=1))) <= rank_rtol**2:
+    chol = well_posed_cholesky(gram + av.T @ av, rank_rtol)
+    if chol is None:
         return None
     alpha = torch.cholesky_solve((av.T @ resid).unsqueeze(1), chol).squeeze(1)
     return z0 + basis @ alpha

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,7 +17,13 @@ from torch import nn
 
 from fl_attack.engine.registry import Inverter, Shape, register_inverter
 from fl_attack.engine.shared import for_weights
-from fl_attack.engine.solve import SpdSolution, factor_square, solve_deflated, solve_spd
+from fl_attack.engine.solve import (
+    SpdSolution,
+    factor_square,
+    solve_deflated,
+    solve_spd,
+    well_posed_cholesky,
+)
 from fl_attack.engine.types import LayerDiagnostics, ReconstructionError, Signal, SolveOptions
 
 __all__ = ["Conv2dInverter", "conv_geometry", "settle_by_bias"]
@@ -228,11 +236,12 @@ class Conv2dInverter(Inverter):
 
         # Fewer gradient rows than pixels cannot determine a channel: skip straight to both.
         determined = torch.ones(c, h, w, dtype=torch.bool)
+        blocks = _row_blocks(layer, input_shape, kept)
         grams: list[torch.Tensor] = []
 
         def gram() -> torch.Tensor:  # G^T G, built on first use (the factored path needs none)
             if not grams:
-                grams.append(_gram(g, _row_blocks(layer, input_shape, kept)))
+                grams.append(_gram(g, blocks))
             return grams[0]
 
         per_channel = (
@@ -254,14 +263,12 @@ class Conv2dInverter(Inverter):
             if per_channel.bounded:
                 used += "+bound"
             resid = (g @ per_channel.x - b_grad).square().sum()
-            scale = b_grad.square().sum()
+            relative = float((resid / b_grad.square().sum().clamp_min(1e-300)).sqrt())
         else:
             # Add weight constraints O - b = conv(z, W) where the output is known.
-            target_all = output.value.reshape(layer.out_channels, -1)
+            target = output.value.reshape(layer.out_channels, -1)
             if bias is not None:
-                target_all = target_all - bias[:, None]
-            target_all = target_all.reshape(-1)
-            target = target_all[known]
+                target = target - bias[:, None]
             geometry = _geometry_key(layer, input_shape)
             kfull, row_sq = for_weights(
                 ("conv2d-weight-matrix", geometry),
@@ -273,72 +280,56 @@ class Conv2dInverter(Inverter):
             # overflow a squared scale).
             rms = float(np.sqrt(row_sq[rows].mean())) if rows.any() else 0.0
             rms = rms if rms > 0.0 else 1.0
-            z_flat, solution, fast = None, None, ""
-            free = torch.nonzero(~known).flatten()
-            square = kfull.shape[0] == kfull.shape[1] >= _FACTORED_MIN
-            if per_channel is not None and c * hw >= _FACTORED_MIN:
+            client = _Client(
+                layer=layer,
+                weight=weight,
+                input_shape=(c, h, w),
+                geometry=geometry,
+                kfull=kfull,
+                target=target.reshape(-1),
+                known=known,
+                g=g,
+                b_grad=b_grad,
+                blocks=blocks,
+                rms=rms,
+                options=options,
+            )
+            few_free = int((~known).sum()) <= _MAX_FREE_ROWS
+            large = c * hw >= _FACTORED_MIN
+            square = kfull.shape[0] == kfull.shape[1]
+            tall = kfull.shape[0] >= _TALL_RATIO * kfull.shape[1]
+            fast_paths: tuple[tuple[str, bool, Callable[[_Client], torch.Tensor | None]], ...] = (
                 # The gradient rows nearly determine each channel: the weights settle the rest.
-                z_flat = _solve_gradient_first(
-                    layer, weight, input_shape, known, target_all, g, gram(), b_grad, rms, options
-                )
-                fast = "gradient-first"
-            if z_flat is None and square and free.numel() <= _MAX_FREE_ROWS:
-                fast = "factored"
-                z_flat = _solve_factored(
-                    layer,
-                    weight,
-                    input_shape,
-                    geometry,
-                    kfull,
-                    target_all,
-                    free,
-                    g,
-                    b_grad,
-                    kept,
-                    rms,
-                    options,
-                )
-            tall = kfull.shape[0] >= _TALL_RATIO * kfull.shape[1] and c * hw >= _FACTORED_MIN
-            if z_flat is None and tall and free.numel() <= _MAX_FREE_ROWS:
-                fast = "woodbury"
-                z_flat = _solve_tall(
-                    layer,
-                    weight,
-                    input_shape,
-                    geometry,
-                    kfull,
-                    target_all,
-                    free,
-                    g,
-                    b_grad,
-                    kept,
-                    rms,
-                    options,
-                )
+                (
+                    "gradient-first",
+                    per_channel is not None and large,
+                    lambda cl: _solve_gradient_first(cl, gram()),
+                ),
+                ("factored", square and large and few_free, _solve_factored),
+                ("woodbury", tall and large and few_free, _solve_tall),
+            )
+            z_flat, solution, fast, tried = None, None, "", ""
+            relative = math.inf
+            for label, applies, solve in fast_paths:
+                if not applies:
+                    continue
+                tried = label
+                candidate = solve(client)
+                if candidate is None:
+                    continue
+                relative = _relative_residual(client, candidate)
+                # A fast answer must fit both families to the dtype's noise level.
+                if relative <= options.eps**0.5:
+                    z_flat, fast = candidate, label
+                    break
             if z_flat is None:
-                _check_dense_size(name, c * hw, fast)
-                solution = _solve_dense(
-                    weight,
-                    input_shape,
-                    geometry,
-                    kfull,
-                    rows,
-                    rms,
-                    g,
-                    gram(),
-                    b_grad,
-                    target,
-                    options,
-                    input_floor,
-                )
+                _check_dense_size(name, c * hw, tried)
+                solution = _solve_dense(client, gram(), input_floor)
                 z_flat = solution.x
+                relative = _relative_residual(client, z_flat)
             z = z_flat.reshape(c, h, w)
             if solution is not None and solution.undetermined is not None:
                 determined = (~solution.undetermined).reshape(c, h, w)
-            target = target / rms
-            w_resid = (torch.from_numpy(kfull @ z.reshape(-1).numpy()) - target_all)[known] / rms
-            resid = (g @ z.reshape(c, hw).T - b_grad).square().sum() + w_resid.square().sum()
-            scale = b_grad.square().sum() + target.square().sum()
             if solution is None:
                 rank, used = c * hw, f"gradient+weight ({fast})"
             else:
@@ -357,7 +348,7 @@ class Conv2dInverter(Inverter):
             equations=equations,
             unknowns=c * hw,
             rank=rank,
-            relative_residual=float((resid / scale.clamp_min(1e-300)).sqrt()),
+            relative_residual=relative,
             constraints=used,
             seconds=time.perf_counter() - start,
             resolved_units=resolved,
@@ -390,42 +381,75 @@ def _weight_matrix_of(
     return kmat, row_sq
 
 
-def _solve_factored(
-    layer: nn.Conv2d,
-    weight: torch.Tensor,
-    input_shape: Shape,
-    geometry: tuple[object, ...],
-    kfull: sparse.csr_matrix,
-    target: torch.Tensor,
-    free: torch.Tensor,
-    g: torch.Tensor,
-    b_grad: torch.Tensor,
-    kept: torch.Tensor,
-    rms: float,
-    options: SolveOptions,
-) -> torch.Tensor | None:
-    """The stacked least squares through the weights' shared factorisation, if it holds.
+@dataclass(frozen=True, slots=True)
+class _Client:
+    """One client's stacked system at a conv layer, as the fast solvers take it.
+
+    ``target`` holds ``O - b`` for every output row (guesses where ``known`` is False);
+    ``g``/``b_grad`` are the gradient rows (the same matrix for every input channel) and
+    ``blocks`` their split by pixel phase; weight rows are scaled by ``1 / rms``.
+    """
+
+    layer: nn.Conv2d
+    weight: torch.Tensor
+    input_shape: tuple[int, int, int]
+    geometry: tuple[object, ...]
+    kfull: sparse.csr_matrix
+    target: torch.Tensor
+    known: torch.Tensor
+    g: torch.Tensor
+    b_grad: torch.Tensor
+    blocks: list[tuple[torch.Tensor, torch.Tensor]]
+    rms: float
+    options: SolveOptions
+
+    @property
+    def free(self) -> torch.Tensor:
+        """Output rows whose value is unknown (their weight equations are left out)."""
+        return torch.nonzero(~self.known).flatten()
+
+    def gradient_rhs(self) -> torch.Tensor:
+        """``G^T b`` of every channel, flattened channel by channel: (c*hw,)."""
+        return (self.g.T @ self.b_grad).T.reshape(-1)
+
+    def weight_rhs(self) -> torch.Tensor:
+        """``K^T (O - b)`` over the known rows, in the scaled rows' units: (c*hw,)."""
+        known_target = torch.where(self.known, self.target, torch.zeros_like(self.target))
+        return torch.from_numpy(self.kfull.T @ (known_target / self.rms).numpy()) / self.rms
+
+
+def _relative_residual(client: _Client, z: torch.Tensor) -> float:
+    """``||A z - b|| / ||b||`` of both constraint families (weight rows: the known ones)."""
+    c, h, w = client.input_shape
+    known = client.known
+    weight_rows = torch.from_numpy(client.kfull @ z.reshape(-1).numpy()) - client.target
+    resid = (client.g @ z.reshape(c, h * w).T - client.b_grad).square().sum()
+    resid = resid + (weight_rows[known] / client.rms).square().sum()
+    scale = client.b_grad.square().sum() + (client.target[known] / client.rms).square().sum()
+    return float((resid / scale.clamp_min(1e-300)).sqrt())
+
+
+def _solve_factored(client: _Client) -> torch.Tensor | None:
+    """The stacked least squares through the weights' shared factorisation.
 
     Used when the weight system is square and the output is known nearly everywhere
-    (``free``: the few rows whose output is not, e.g. close activation calls): its sparse
-    LU and weakest directions are built once per weights (every client of a round shares
-    them), and each client adds only its gradient constraints on those directions. The
-    answer is kept only if it fits both families of constraints to the dtype's noise level
-    (``sqrt(eps)``); otherwise None and the caller solves the full normal equations.
+    (the few free rows are e.g. close activation calls): its sparse LU and weakest
+    directions are built once per weights (every client of a round shares them), and each
+    client adds only its gradient constraints on those directions. None when the small
+    system does not determine the answer.
     """
-    c, h, w = input_shape
-    hw = h * w
+    c, h, w = client.input_shape
+    hw, g = h * w, client.g
     n = c * hw
     width = min(max(n // _DEFLATION_RATIO, _DEFLATION_MIN), _DEFLATION_MAX, n)
     factor = for_weights(
-        ("conv2d-square-factor", geometry, width),
-        [weight],
-        lambda: factor_square(kfull, width),
+        ("conv2d-square-factor", client.geometry, width),
+        [client.weight],
+        lambda: factor_square(client.kfull, width),
     )
     if factor is None:
         return None
-
-    blocks = [(r, cols, g[r][:, cols]) for r, cols in _row_blocks(layer, input_shape, kept)]
+    blocks = [(r, cols, g[r][:, cols]) for r, cols in client.blocks]
 
     def apply_gradient_rows(x: torch.Tensor) -> torch.Tensor:
         # (c*hw, m) -> (c*rows, m): the same row matrix g acts on every channel, one block
@@ -436,52 +460,29 @@ def _solve_factored(
             out[:, r] = torch.matmul(sub, per_channel[:, cols])
         return out.reshape(-1, x.shape[1])
 
-    rhs = b_grad.T.reshape(-1)
-    z = solve_deflated(
+    return solve_deflated(
         factor,
-        target,
+        client.target,
         apply_gradient_rows,
-        rhs,
-        k_scale=rms,
-        rank_rtol=options.rank_rtol,
-        free_rows=free,
+        client.b_grad.T.reshape(-1),
+        k_scale=client.rms,
+        rank_rtol=client.options.rank_rtol,
+        free_rows=client.free,
     )
-    if z is None:
-        return None
-    kept = torch.ones_like(target, dtype=torch.bool)
-    kept[free] = False
-    w_resid = (torch.from_numpy(kfull @ z.numpy()) - target)[kept] / rms
-    resid = (apply_gradient_rows(z.unsqueeze(1)).squeeze(1) - rhs).square().sum()
-    resid = resid + w_resid.square().sum()
-    scale = rhs.square().sum() + (target[kept] / rms).square().sum()
-    if float((resid / scale.clamp_min(1e-300)).sqrt()) > options.eps**0.5:
-        return None
-    return z
 
 
-def _solve_gradient_first(
-    layer: nn.Conv2d,
-    weight: torch.Tensor,
-    input_shape: Shape,
-    known: torch.Tensor,
-    target: torch.Tensor,
-    g: torch.Tensor,
-    gram: torch.Tensor,
-    b_grad: torch.Tensor,
-    rms: float,
-    options: SolveOptions,
-) -> torch.Tensor | None:
+def _solve_gradient_first(client: _Client, gram: torch.Tensor) -> torch.Tensor | None:
     """Least squares when the gradient rows determine all but a few directions per channel.
 
     ``G`` is the same for every channel, so one eigen-decomposition of ``G^T G`` splits each
     channel into directions ``G`` pins well and weak ones (eigenvalues below
     ``_WEAK_RATIO`` of the largest). The strong part is ``G``'s own least-squares answer;
     the weak part of all channels is then solved from both families at once, a system of
-    ``channels * weak`` unknowns instead of ``channels * pixels``. Kept only if it fits both
-    families to ``sqrt(eps)``; else None.
+    ``channels * weak`` unknowns instead of ``channels * pixels``. None when there is no
+    weak direction, too many, or the joint system does not determine them.
     """
-    c, h, w = input_shape
-    hw = h * w
+    c, h, w = client.input_shape
+    hw, layer, known, rms = h * w, client.layer, client.known, client.rms
     evals, evecs = torch.linalg.eigh(gram)  # ascending
     top = float(evals[-1])
     # Every poorly pinned direction goes to the joint solve, and more of the weak ones as
@@ -493,84 +494,57 @@ def _solve_gradient_first(
     weak = torch.zeros(hw, dtype=torch.bool)
     weak[:d] = True
     strong, basis = evecs[:, ~weak], evecs[:, weak]  # (hw, hw - d), (hw, d)
-    gtb = g.T @ b_grad  # (hw, c)
+    gtb = client.g.T @ client.b_grad  # (hw, c)
     z_g = strong @ ((strong.T @ gtb) / evals[~weak].unsqueeze(1))  # (hw, c)
+
+    def conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, weight, None, layer.stride, layer.padding, layer.dilation)
+
     # Weight rows on the weak directions: conv of each basis image, one input channel at a
     # time (column block k of K times the basis).
     images = basis.T.reshape(d, 1, h, w)
-    blocks = [
-        F.conv2d(images, weight[:, k : k + 1], None, layer.stride, layer.padding, layer.dilation)
-        .reshape(d, -1)
-        .T[known]
-        for k in range(c)
-    ]
-    k_basis = torch.cat(blocks, dim=1) / rms  # (known rows, c*d), columns (channel, weak)
-    k_zg = F.conv2d(
-        z_g.T.reshape(1, c, h, w), weight, None, layer.stride, layer.padding, layer.dilation
-    ).reshape(-1)[known]
-    r_weight = (target[known] - k_zg) / rms
+    columns = [conv(images, client.weight[:, k : k + 1]).reshape(d, -1).T[known] for k in range(c)]
+    k_basis = torch.cat(columns, dim=1) / rms  # (known rows, c*d), columns (channel, weak)
+    k_zg = conv(z_g.T.reshape(1, c, h, w), client.weight).reshape(-1)[known]
+    r_weight = (client.target[known] - k_zg) / rms
     # Normal equations on (channel, weak): G^T G is diagonal there, the same per channel.
     small = k_basis.T @ k_basis
     small.diagonal().add_(evals[weak].repeat(c))
+    chol = well_posed_cholesky(small, client.options.rank_rtol)
+    if chol is None:
+        return None
     rhs = (basis.T @ gtb).T.reshape(-1) + k_basis.T @ r_weight
-    chol, info = torch.linalg.cholesky_ex(small)
-    biggest = float(small.diagonal().max())
-    if int(info) != 0 or not bool((chol.diagonal() ** 2 > options.rank_rtol**2 * biggest).all()):
-        return None
     gamma = torch.cholesky_solve(rhs.unsqueeze(1), chol).reshape(c, d)
-    z = z_g + basis @ gamma.T  # (hw, c)
-    k_z = k_zg + (k_basis @ gamma.reshape(-1)) * rms
-    resid = (g @ z - b_grad).square().sum() + ((k_z - target[known]) / rms).square().sum()
-    scale = b_grad.square().sum() + (target[known] / rms).square().sum()
-    if float((resid / scale.clamp_min(1e-300)).sqrt()) > options.eps**0.5:
-        return None
-    return z.T.reshape(-1)
+    return (z_g + basis @ gamma.T).T.reshape(-1)  # (c*hw,)
 
 
-def _solve_tall(
-    layer: nn.Conv2d,
-    weight: torch.Tensor,
-    input_shape: Shape,
-    geometry: tuple[object, ...],
-    kfull: sparse.csr_matrix,
-    target: torch.Tensor,
-    free: torch.Tensor,
-    g: torch.Tensor,
-    b_grad: torch.Tensor,
-    kept: torch.Tensor,
-    rms: float,
-    options: SolveOptions,
-) -> torch.Tensor | None:
+def _solve_tall(client: _Client) -> torch.Tensor | None:
     """The stacked least squares through the weights' inverse normal matrix (Woodbury).
 
     With many more weight rows than unknowns (a one-channel image under 12 filters),
     ``P = K^T K`` is well conditioned; its inverse is built once per weights. A client's
     normal matrix is ``P`` plus its gradient rows ``G^T G`` minus its few free weight rows,
     a low-rank change: the Woodbury identity needs one small system of
-    ``channels * gradient rows + free rows`` unknowns. Kept only if it fits both families to
-    ``sqrt(eps)``; else None.
+    ``channels * gradient rows + free rows`` unknowns. None when ``P`` is not well
+    conditioned or the small system is singular.
     """
-    c, h, w = input_shape
+    c, h, w = client.input_shape
     hw, n = h * w, c * h * w
+    g, kfull, rms, free = client.g, client.kfull, client.rms, client.free
     inverse = for_weights(
-        ("conv2d-normal-inverse", geometry), [weight], lambda: _normal_inverse(kfull)
+        ("conv2d-normal-inverse", client.geometry), [client.weight], lambda: _normal_inverse(kfull)
     )
     if inverse is None:
         return None
     scale2 = rms * rms  # (K^T K / rms^2)^-1 = scale2 * inverse, applied to small results
-    kept_rows = torch.ones(kfull.shape[0], dtype=torch.bool)
-    kept_rows[free] = False
-    known_target = torch.where(kept_rows, target, torch.zeros_like(target)) / rms
-    h_vec = torch.from_numpy(kfull.T @ known_target.numpy()) / rms
-    h_vec += (g.T @ b_grad).T.reshape(-1)
+    h_vec = client.weight_rhs() + client.gradient_rhs()
     # Low-rank terms: every channel's gradient rows (+1) and the free weight rows (-1).
     rows_g = g.shape[0]
-    blocks = _row_blocks(layer, input_shape, kept)
     width = c * rows_g + free.numel()
     # (P^-1 U)^T row by row; P^-1 is symmetric, so a block of its rows serves as columns.
     pu_t = torch.empty(width, n, dtype=torch.float64)
     for k in range(c):
-        for r, cols in blocks:
+        for r, cols in client.blocks:
             pu_t[k * rows_g + r] = g[r][:, cols] @ inverse[k * hw + cols]
     k_free = torch.from_numpy(kfull[free.numpy()].toarray()) / rms if free.numel() else None
     if k_free is not None:
@@ -594,14 +568,7 @@ def _solve_tall(
     if int(info) != 0:
         return None
     z = z_p - (pu_t.T @ correction).squeeze(1)
-    w_resid = (torch.from_numpy(kfull @ z.numpy()) - target)[kept_rows] / rms
-    resid = (g @ z.reshape(c, hw).T - b_grad).square().sum() + w_resid.square().sum()
-    scale = b_grad.square().sum() + known_target.square().sum()
-    if not bool(torch.isfinite(z).all()):
-        return None
-    if float((resid / scale.clamp_min(1e-300)).sqrt()) > options.eps**0.5:
-        return None
-    return z
+    return z if bool(torch.isfinite(z).all()) else None
 
 
 def _normal_inverse(kfull: sparse.csr_matrix) -> torch.Tensor | None:
@@ -666,42 +633,28 @@ def _check_dense_size(name: str, unknowns: int, tried: str) -> None:
     )
 
 
-def _solve_dense(
-    weight: torch.Tensor,
-    input_shape: Shape,
-    geometry: tuple[object, ...],
-    kfull: sparse.csr_matrix,
-    rows: np.ndarray,
-    rms: float,
-    g: torch.Tensor,
-    gram: torch.Tensor,
-    b_grad: torch.Tensor,
-    target: torch.Tensor,
-    options: SolveOptions,
-    input_floor: float | None,
-) -> SpdSolution:
+def _solve_dense(client: _Client, gram: torch.Tensor, input_floor: float | None) -> SpdSolution:
     """The stacked least squares through the client's own dense normal matrix."""
-    c, h, w = input_shape
-    hw = h * w
+    c, h, w = client.input_shape
+    hw, kfull, rms = h * w, client.kfull, client.rms
     kk_full = for_weights(
-        ("conv2d-weight-normal", geometry), [weight], lambda: (kfull.T @ kfull).toarray()
+        ("conv2d-weight-normal", client.geometry),
+        [client.weight],
+        lambda: (kfull.T @ kfull).toarray(),
     )
     # K^T K of the known rows: the full product minus the few unknown rows, scaled on the
     # way (the division makes the client's own copy).
     kk = kk_full / rms
     kk /= rms
-    if not rows.all():
-        dropped = kfull[~rows] / rms
+    if client.free.numel():
+        dropped = kfull[client.free.numpy()] / rms
         down = (dropped.T @ dropped).tocoo()  # summed: each (row, col) once
         kk[down.row, down.col] -= down.data
     normal = torch.from_numpy(kk)
     for k in range(c):  # the gradient rows repeat per channel: add G^T G in place
         normal[k * hw : (k + 1) * hw, k * hw : (k + 1) * hw] += gram
-    known_target = np.zeros(kfull.shape[0])
-    known_target[rows] = (target / rms).numpy()
-    kt_target = torch.from_numpy(kfull.T @ known_target / rms)
-    rhs = (g.T @ b_grad).T.reshape(-1) + kt_target
-    return solve_spd(normal, rhs, rank_rtol=options.rank_rtol, floor=input_floor)
+    rhs = client.gradient_rhs() + client.weight_rhs()
+    return solve_spd(normal, rhs, rank_rtol=client.options.rank_rtol, floor=input_floor)
 
 
 def _weight_matrix(
