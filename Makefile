@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check \
 	    torch==2.14.1 torchvision==0.29.1 'flwr[simulation]==1.41.0' numpy 'rich<15' \
-	    scikit-image scipy matplotlib pytest hypothesis ruff
+	    scikit-image scipy matplotlib threadpoolctl pytest hypothesis ruff
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 

@@ -226,12 +226,16 @@ class AttackConfig:
         analytic engine; ``dlg``, the gradient-matching baseline).
     dlg_iterations : int
         Most outer L-BFGS steps the ``dlg`` method takes per client.
+    workers : int
+        Processes a round's clients are spread over; 0 (the default) means one per core
+        the server may use, 1 attacks them one after another in the server process.
     """
 
     enabled: bool
     threat_model: ThreatModel
     method: str = "rconv"
     dlg_iterations: int = 300
+    workers: int = 0
 
 
 class DefenseKind(StrEnum):
@@ -466,6 +470,12 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         ),
         "dlg-iterations": _Key(
             int, "an int >= 1 (L-BFGS steps of the dlg method)", _positive_int, default=300
+        ),
+        "workers": _Key(
+            int,
+            "an int >= 0 (processes the attack uses; 0: one per core)",
+            _non_negative,
+            default=0,
         ),
     },
     "defense": {
@@ -793,6 +803,7 @@ def _build(values: dict[str, dict[str, Any]], where: str, source: Path) -> Scena
             threat_model=ThreatModel(attack["threat-model"]),
             method=attack["method"],
             dlg_iterations=attack["dlg-iterations"],
+            workers=attack["workers"],
         ),
         source=source,
         defense=_defense(defense, where),

@@ -138,13 +138,17 @@ class MaliciousServer(Strategy):
     dlg_options : DLGOptions, optional
         Budget of the ``"dlg"`` attack (``[attack] dlg-iterations``); ignored by ``"rconv"``,
         whose tolerances follow each client's precision.
+    workers : int
+        Processes a round's updates are attacked in (1: in the server process, one after
+        another; see :func:`fl_attack.engine.available_cores`).
 
     Raises
     ------
     TypeError
         If ``strategy`` is not a Flower ``Strategy`` or ``model`` not an ``nn.Module``.
     ValueError
-        If ``lr`` is not a positive finite number or ``input_shape`` is not positive.
+        If ``lr`` is not a positive finite number, ``input_shape`` is not positive or
+        ``workers`` is below 1.
     fl_attack.attacks.UnknownAttackError
         If ``attack`` is not registered.
     fl_attack.engine.UnsupportedLayerError
@@ -173,6 +177,7 @@ class MaliciousServer(Strategy):
         threat_model: ThreatModel = ThreatModel.HONEST_BUT_CURIOUS,
         attack: str = "rconv",
         dlg_options: DLGOptions | None = None,
+        workers: int = 1,
     ) -> None:
         super().__init__()
         if not isinstance(strategy, Strategy):
@@ -186,6 +191,8 @@ class MaliciousServer(Strategy):
             raise ValueError(f"MaliciousServer: lr must be a finite number > 0, got {lr!r}")
         if lr <= 0:
             raise ValueError(f"MaliciousServer: lr must be > 0, got {lr!r}; set [client] lr")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"MaliciousServer: workers must be an int >= 1, got {workers!r}")
         shape = tuple(int(s) for s in input_shape)
         if not shape or min(shape) < 1:
             raise ValueError(f"MaliciousServer: input_shape must be positive, got {input_shape}")
@@ -199,6 +206,7 @@ class MaliciousServer(Strategy):
         self.attack: Attack = ATTACKS[attack]  # an unknown name lists the registered ones
         self.attack.validate(model, shape)  # R-CONV's check; nothing to check for "dlg"
         self.dlg_options = dlg_options
+        self.workers = workers
         self.strategy = strategy
         self.threat_model = threat
         self.lr = float(lr)
@@ -318,7 +326,11 @@ class MaliciousServer(Strategy):
         for dtype, batch in batches.items():
             options = SolveOptions.for_dtype(dtype) if self.attack.analytic else self.dlg_options
             results = self.attack(
-                self._model, [grads for _, grads in batch], self.input_shape, options=options
+                self._model,
+                [grads for _, grads in batch],
+                self.input_shape,
+                options=options,
+                workers=self.workers,
             )
             for (node_id, _), result in zip(batch, results, strict=True):
                 if isinstance(result, EngineError):

@@ -27,6 +27,7 @@ from torch import nn
 
 from fl_attack.attacks import DLGOptions
 from fl_attack.config import ScenarioConfig, from_run_config
+from fl_attack.engine import available_cores
 from fl_attack.reporting.checkpoint import (
     Checkpoint,
     RunStateError,
@@ -273,6 +274,7 @@ def build_strategy(
         threat_model=scenario.attack.threat_model,
         attack=scenario.attack.method,
         dlg_options=DLGOptions(max_iterations=scenario.attack.dlg_iterations),
+        workers=scenario.attack.workers or available_cores(),
     )
 
 

@@ -73,11 +73,15 @@ class RConvAttack:
         input_shape: tuple[int, ...],
         *,
         options: Options | None = None,
+        workers: int = 1,
     ) -> list[Reconstruction | EngineError]:
-        """Invert every client's gradients; ``options`` must be ``SolveOptions`` or None."""
+        """Invert every client's gradients over ``workers`` processes.
+
+        ``options`` must be ``SolveOptions`` or None.
+        """
         if options is not None and not isinstance(options, SolveOptions):
             raise TypeError(f"attack 'rconv' takes SolveOptions, got {type(options).__name__}")
-        return reconstruct_many(model, gradients, input_shape, options=options)
+        return reconstruct_many(model, gradients, input_shape, options=options, workers=workers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,11 +109,15 @@ class DLGAttack:
         input_shape: tuple[int, ...],
         *,
         options: Options | None = None,
+        workers: int = 1,
     ) -> list[Reconstruction | EngineError]:
-        """Attack every client's gradients; ``options`` must be ``DLGOptions`` or None."""
+        """Attack every client's gradients over ``workers`` processes.
+
+        ``options`` must be ``DLGOptions`` or None.
+        """
         if options is not None and not isinstance(options, DLGOptions):
             raise TypeError(f"attack 'dlg' takes DLGOptions, got {type(options).__name__}")
-        return dlg_many(model, gradients, input_shape, options=options)
+        return dlg_many(model, gradients, input_shape, options=options, workers=workers)
 
 
 Attack = RConvAttack | DLGAttack

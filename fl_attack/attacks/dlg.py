@@ -19,6 +19,7 @@ from torch import nn
 
 from fl_attack.engine.reconstruct import named_gradients
 from fl_attack.engine.types import EngineError, Reconstruction, ReconstructionError
+from fl_attack.engine.workers import attack_each
 
 __all__ = ["OPTIMIZERS", "DLGOptions", "dlg", "dlg_many"]
 
@@ -252,6 +253,7 @@ def dlg_many(
     input_shape: tuple[int, ...],
     *,
     options: DLGOptions | None = None,
+    workers: int = 1,
 ) -> list[Reconstruction | EngineError]:
     """Run :func:`dlg` on every client of a round; a failing client gets its error in place.
 
@@ -261,19 +263,17 @@ def dlg_many(
         As for :func:`dlg`.
     gradients : sequence of gradients
         One entry per client.
+    workers : int, optional
+        Processes to spread the clients over (1: one after another in this process).
 
     Returns
     -------
     list of Reconstruction or EngineError
         In the order of ``gradients``.
     """
-    results: list[Reconstruction | EngineError] = []
-    for client in gradients:
-        try:
-            results.append(dlg(model, client, input_shape, options=options))
-        except EngineError as exc:
-            results.append(exc)
-    return results
+    return attack_each(
+        lambda grads: dlg(model, grads, input_shape, options=options), gradients, workers
+    )
 
 
 def _label(model: nn.Module, named: dict[str, torch.Tensor]) -> int:

@@ -23,6 +23,7 @@ from fl_attack.engine.types import (
     SolveOptions,
     UnsupportedLayerError,
 )
+from fl_attack.engine.workers import available_cores
 
 __all__ = [
     "INVERTERS",
@@ -38,6 +39,7 @@ __all__ = [
     "UnsupportedLayerError",
     "Verdict",
     "assert_all_close",
+    "available_cores",
     "check",
     "gather_evidence",
     "layer_chain",

@@ -20,6 +20,7 @@ from fl_attack.engine.types import (
     SolveOptions,
     UnsupportedLayerError,
 )
+from fl_attack.engine.workers import attack_each
 
 # A layer's relative residual above this many sqrt(eps) means its constraints disagree:
 # exact single-sample gradients leave ~1e-5 in float32 (1e-10 in float64), updates derived
@@ -314,6 +315,7 @@ def reconstruct_many(
     *,
     options: SolveOptions | None = None,
     input_floor: float | None = None,
+    workers: int = 1,
 ) -> list[Reconstruction | EngineError]:
     """Attack many clients that share one model (one round): the per-weight work is shared.
 
@@ -323,6 +325,10 @@ def reconstruct_many(
         As for :func:`reconstruct`.
     gradients : sequence of gradients
         One entry per client, each as :func:`reconstruct` takes it.
+    workers : int, optional
+        Processes to spread the clients over (see :func:`fl_attack.engine.available_cores`); 1, the
+        default, attacks them one after another in this process. Each worker builds the
+        per-weights work it needs; the results are the same either way.
 
     Returns
     -------
@@ -330,17 +336,15 @@ def reconstruct_many(
         In the order of ``gradients``; a client whose gradients cannot be inverted gets its
         error in place of a result, so one bad update does not stop the round.
     """
-    results: list[Reconstruction | EngineError] = []
     # Per-weight work (e.g. a conv layer's factorisation) is cached by the weights' digest
-    # (fl_attack.engine.shared), so the first client pays for it and the others reuse it.
-    for client in gradients:
-        try:
-            results.append(
-                reconstruct(model, client, input_shape, options=options, input_floor=input_floor)
-            )
-        except EngineError as exc:
-            results.append(exc)
-    return results
+    # (fl_attack.engine.shared), so the first client of a process pays for it.
+    return attack_each(
+        lambda grads: reconstruct(
+            model, grads, input_shape, options=options, input_floor=input_floor
+        ),
+        gradients,
+        workers,
+    )
 
 
 def _findings(

@@ -31,6 +31,8 @@ __all__ = [
 _LEVERAGE_TOL = 1e-10
 # Largest system the bounded solve takes on (Lawson-Hanson is cubic in the worst case).
 _MAX_BOUNDED = 2048
+# A bounded unknown this close to the bound (relative to the largest) counts as on it.
+_ON_BOUND_RTOL = 1e-12
 # A free row's direction whose part outside the deflation basis is smaller than this
 # fraction of it is already reachable through the basis.
 _OUTSIDE_RTOL = 1e-6
@@ -139,23 +141,118 @@ def solve_spd(
         x = torch.cholesky_solve(rhs.reshape(n, -1), factor).reshape(rhs.shape)
         return SpdSolution(x=x, rank=n, condition=rcond**-0.5)
     # Rank-deficient or nearly so: keep only the directions the data determine.
-    evals, evecs = torch.linalg.eigh(normal)
-    keep = evals > (rank_rtol**2) * float(evals[-1])
-    rank = int(keep.sum())
-    kept = evecs[:, keep]
-    coef = (kept.T @ rhs.reshape(n, -1)) / evals[keep].unsqueeze(1)
-    x = (kept @ coef).reshape(rhs.shape)
+    cutoff = (rank_rtol**2) * _largest_eigenvalue(normal)
+    revealed = _pivoted(normal, rhs, cutoff)
+    if revealed is None:  # LAPACK gave up: the eigen-decomposition decides
+        evals, evecs = torch.linalg.eigh(normal)
+        cutoff = (rank_rtol**2) * float(evals[-1])
+        keep = evals > cutoff
+        kept = evecs[:, keep]
+        coef = (kept.T @ rhs.reshape(n, -1)) / evals[keep].unsqueeze(1)
+        x, rank = (kept @ coef).reshape(rhs.shape), int(keep.sum())
+        lost = evecs[:, ~keep]
+        condition = float((evals[-1] / evals[0]) ** 0.5) if rank == n else float("inf")
+    else:
+        x, rank, lost, condition = revealed
     if rank == n:
-        return SpdSolution(x=x, rank=rank, condition=float((evals[-1] / evals[0]) ** 0.5))
-    if floor is not None and rank > 0 and n <= _MAX_BOUNDED:
-        bounded = _bounded(evals, evecs, keep, rhs, floor)
+        return SpdSolution(x=x, rank=rank, condition=condition)
+    # An unknown is still exact if the lost directions leave it (almost) untouched.
+    touched = lost.square().sum(dim=1) > _LEVERAGE_TOL
+    if floor is not None and rank > 0:
+        bounded = _bounded_where_lost(normal, rhs, x, touched, cutoff, floor)
         if bounded is not None:
             return bounded
-    # An unknown is still exact if the lost directions leave it (almost) untouched.
-    leverage = evecs[:, ~keep].square().sum(dim=1)
-    return SpdSolution(
-        x=x, rank=rank, condition=float("inf"), undetermined=leverage > _LEVERAGE_TOL
+    return SpdSolution(x=x, rank=rank, condition=float("inf"), undetermined=touched)
+
+
+def _largest_eigenvalue(normal: torch.Tensor, steps: int = 30) -> float:
+    """Power iteration for ``lambda_max`` of a PSD matrix (a few matrix-vector products)."""
+    v = torch.ones(normal.shape[0], dtype=normal.dtype)
+    top = 0.0
+    for _ in range(steps):
+        w = normal @ v
+        top = float(w.norm())
+        if top == 0.0:
+            return float(normal.diagonal().max())
+        v = w / top
+    # A lower bound that converges from below; the largest diagonal entry is one too.
+    return max(top, float(normal.diagonal().max()))
+
+
+def _pivoted(
+    normal: torch.Tensor, rhs: torch.Tensor, cutoff: float
+) -> tuple[torch.Tensor, int, torch.Tensor, float] | None:
+    """Minimum-norm solution, rank and lost directions by a pivoted Cholesky factorisation.
+
+    LAPACK's ``dpstrf`` stops when every remaining pivot is at most ``cutoff``:
+    ``P^T N P = R^T R`` with ``R = [R11 R12]`` of ``rank`` rows. The lost directions are
+    ``P [-R11^-1 R12; I]``; the answer is the basic solution with its part along them
+    removed, as the eigen-decomposition would give it, at a fraction of the cost.
+
+    Returns
+    -------
+    (x, rank, lost, condition) or None
+        ``lost`` has orthonormal columns (n, n - rank); None if LAPACK reports an error.
+    """
+    n = normal.shape[0]
+    factor, piv, rank, info = lapack.dpstrf(normal.numpy(), tol=cutoff, lower=0)
+    if info < 0 or rank == 0:
+        return None
+    order = torch.from_numpy(piv.astype(np.int64) - 1)
+    upper = torch.from_numpy(np.triu(factor[:rank, :]))
+    r11 = upper[:, :rank]
+    columns = rhs.reshape(n, -1)[order][:rank]
+    basic = torch.linalg.solve_triangular(
+        r11, torch.linalg.solve_triangular(r11.T, columns, upper=False), upper=True
     )
+    x = torch.zeros(n, columns.shape[1], dtype=normal.dtype)
+    x[order[:rank]] = basic
+    if rank == n:
+        rcond, info = lapack.dtrcon(factor, norm="1", uplo="U")
+        condition = 1.0 / float(rcond) if info == 0 and rcond > 0 else float("inf")
+        return x.reshape(rhs.shape), n, torch.zeros(n, 0, dtype=normal.dtype), condition
+    null = torch.zeros(n, n - rank, dtype=normal.dtype)
+    null[order[:rank]] = -torch.linalg.solve_triangular(r11, upper[:, rank:], upper=True)
+    null[order[rank:]] = torch.eye(n - rank, dtype=normal.dtype)
+    lost, _ = torch.linalg.qr(null)
+    x = x - lost @ (lost.T @ x)
+    return x.reshape(rhs.shape), rank, lost, float("inf")
+
+
+def _bounded_where_lost(
+    normal: torch.Tensor,
+    rhs: torch.Tensor,
+    x: torch.Tensor,
+    touched: torch.Tensor,
+    cutoff: float,
+    floor: float,
+) -> SpdSolution | None:
+    """The bounded solve restricted to the unknowns the lost directions touch.
+
+    The other unknowns are determined by the data (``x`` holds them); moving only the
+    touched ones, the problem is ``N_TT x_T = r_T - N_TR x_R``, whose null space is that of
+    ``N`` (its lost directions live on T). A handful of lost directions usually touch a few
+    dozen unknowns (e.g. a dead filter's inputs), so this is far smaller than the whole.
+    Eigenvalues up to ``cutoff`` count as lost.
+    """
+    n = normal.shape[0]
+    idx = torch.nonzero(touched).flatten()
+    t = idx.numel()
+    if t > _MAX_BOUNDED:
+        return None
+    columns, values = rhs.reshape(n, -1), x.reshape(n, -1)
+    rest = torch.nonzero(~touched).flatten()
+    sub_rhs = columns[idx] - normal[idx][:, rest] @ values[rest]
+    evals, evecs = torch.linalg.eigh(normal[idx][:, idx])
+    keep = evals > cutoff
+    if not bool(keep.any()) or bool(keep.all()):
+        return None
+    bounded = _bounded(evals, evecs, keep, sub_rhs, floor)
+    if bounded is None:
+        return None
+    out = values.clone()
+    out[idx] = bounded.x.reshape(t, -1)
+    return SpdSolution(x=out.reshape(rhs.shape), rank=n, condition=float("inf"), bounded=True)
 
 
 def _bounded(
@@ -181,7 +278,9 @@ def _bounded(
             z, _ = optimize.nnls(a_red, b_red, maxiter=3 * n)
         except RuntimeError:  # no convergence within the iteration cap
             return None
-        if not _pinned(lost, z <= 0):
+        # A value within rounding of the bound sits on it (Lawson-Hanson may leave ~1e-15
+        # in the passive set): it cannot move down either.
+        if not _pinned(lost, z <= _ON_BOUND_RTOL * max(1.0, float(np.abs(z).max()))):
             return None
         out[:, k] = torch.from_numpy(z + floor)
     return SpdSolution(x=out.reshape(rhs.shape), rank=n, condition=float("inf"), bounded=True)

@@ -33,6 +33,10 @@ class UnsupportedLayerError(EngineError):
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"the model cannot be inverted by R-CONV:\n{lines}")
 
+    def __reduce__(self) -> tuple[type[UnsupportedLayerError], tuple[list[str]]]:
+        """Pickle by its problems (the default would pass the message as ``problems``)."""
+        return (type(self), (list(self.problems),))
+
 
 class ReconstructionError(EngineError):
     """The gradients handed in cannot be inverted (wrong names/shapes, no signal, NaN)."""

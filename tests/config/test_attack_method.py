@@ -35,3 +35,13 @@ def test_unknown_method_lists_the_registered_attacks() -> None:
 def test_dlg_iterations_must_be_positive() -> None:
     with pytest.raises(ScenarioError, match="dlg-iterations = 0"):
         load_scenario(DEFAULT, {"attack.dlg-iterations": 0})
+
+
+def test_workers_default_to_one_per_core_and_are_read() -> None:
+    assert load_scenario(DEFAULT).attack.workers == 0
+    assert load_scenario(DEFAULT, {"attack.workers": 3}).attack.workers == 3
+
+
+def test_negative_workers_are_refused() -> None:
+    with pytest.raises(ScenarioError, match="workers = -1"):
+        load_scenario(DEFAULT, {"attack.workers": -1})

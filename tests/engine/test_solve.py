@@ -7,9 +7,9 @@ import pytest
 import torch
 from scipy import sparse
 
-from fl_attack.engine import shared
+from fl_attack.engine import shared, solve
 from fl_attack.engine.shared import clear_weight_cache, for_weights
-from fl_attack.engine.solve import factor_square, solve_deflated
+from fl_attack.engine.solve import factor_square, solve_deflated, solve_spd
 
 
 def _system(n: int, rows: int, seed: int) -> tuple[sparse.csr_matrix, torch.Tensor]:
@@ -120,3 +120,49 @@ def test_weight_cache_drops_the_oldest_entries_past_its_memory_budget(
     for_weights("k", [torch.tensor([3.0])], kib)
     assert len(calls) == 4  # the newest two are still there
     clear_weight_cache()
+
+
+def _dependent_columns(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (60, 40) with column 2 = column 0 + column 1: one lost direction, (1, 1, -1)."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((60, 40))
+    a[:, 2] = a[:, 0] + a[:, 1]
+    x = rng.uniform(0.1, 1.0, 40)
+    x[0] = x[2] = 0.0  # both on the bound: the lost direction would push one below it
+    return torch.from_numpy(a), torch.from_numpy(x)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rank_deficient_solve_is_the_minimum_norm_least_squares(seed: int) -> None:
+    # Prepare: a rank-deficient system with noise (inconsistent), and the oracle pinv.
+    a, x = _dependent_columns(seed)
+    noise = torch.from_numpy(np.random.default_rng(seed + 10).standard_normal(60)) * 1e-3
+    b = a @ x + noise
+    # Execute
+    solution = solve_spd(a.T @ a, a.T @ b, rank_rtol=1e-6)
+    # Assert: the pseudo-inverse's answer, rank 39, and exactly unknowns 0-2 undetermined.
+    torch.testing.assert_close(solution.x, torch.linalg.pinv(a) @ b, rtol=1e-8, atol=1e-10)
+    assert solution.rank == 39 and not solution.bounded
+    assert solution.undetermined is not None
+    assert torch.nonzero(solution.undetermined).flatten().tolist() == [0, 1, 2]
+
+
+def test_bounded_solve_works_on_the_unknowns_the_lost_directions_touch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: the bound pins the lost direction (x0 = x2 = 0 may not go negative).
+    a, x = _dependent_columns(3)
+    sizes: list[int] = []
+    real = solve._bounded
+
+    def spy(evals, evecs, keep, rhs, floor):  # type: ignore[no-untyped-def]
+        sizes.append(evecs.shape[0])
+        return real(evals, evecs, keep, rhs, floor)
+
+    monkeypatch.setattr(solve, "_bounded", spy)
+    # Execute
+    solution = solve_spd(a.T @ a, a.T @ (a @ x), rank_rtol=1e-6, floor=0.0)
+    # Assert: the truth, found by a bounded solve of the three touched unknowns only.
+    assert solution.bounded and solution.rank == 40
+    torch.testing.assert_close(solution.x, x, rtol=1e-8, atol=1e-9)
+    assert sizes == [3]

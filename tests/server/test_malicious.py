@@ -164,18 +164,20 @@ def test_wrapper_hands_the_engine_the_hand_computed_gradient(
             input_shape: tuple[int, ...],
             *,
             options: SolveOptions | None = None,
+            workers: int = 1,
         ) -> list[Reconstruction]:
             (only,) = gradients  # one reply: one client in the round's batch
-            captured.update(gradients=only, options=options, shape=input_shape)
+            captured.update(gradients=only, options=options, shape=input_shape, workers=workers)
             return [Reconstruction(torch.zeros(SHAPE, dtype=torch.float64), 0, (), 0.0)]
 
-    strategy = MaliciousServer(FedAvg(), model=model, input_shape=SHAPE, lr=LR)
+    strategy = MaliciousServer(FedAvg(), model=model, input_shape=SHAPE, lr=LR, workers=3)
     monkeypatch.setattr(strategy, "attack", Spy())
     _configured(strategy, global_arrays)
     # Execute
     strategy.aggregate_train(1, [_make_reply(update, 1, 11)])
     # Assert
     assert captured["shape"] == SHAPE
+    assert captured["workers"] == 3
     assert captured["options"].eps == pytest.approx(torch.finfo(torch.float32).eps)
     for name, grad in captured["gradients"].items():
         by_hand = (
@@ -336,3 +338,5 @@ def test_init_rejects_what_it_cannot_wrap_or_invert(model: nn.Sequential) -> Non
         MaliciousServer(FedAvg(), model=pooled, input_shape=SHAPE, lr=LR)
     with pytest.raises(ValueError, match="threat_model"):
         MaliciousServer(FedAvg(), model=model, input_shape=SHAPE, lr=LR, threat_model="evil")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="workers must be an int >= 1, got 0"):
+        MaliciousServer(FedAvg(), model=model, input_shape=SHAPE, lr=LR, workers=0)

@@ -1,0 +1,119 @@
+"""Attacking a round over worker processes: same results as one process, errors in place."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+from threadpoolctl import threadpool_info
+
+from fl_attack.engine import (
+    ReconstructionError,
+    UnsupportedLayerError,
+    available_cores,
+    reconstruct_many,
+    single_sample_gradients,
+)
+from fl_attack.engine import workers as workers_module
+from fl_attack.engine.shared import clear_weight_cache
+from fl_attack.engine.workers import attack_each, map_in_workers
+from fl_attack.models import build_model
+
+
+def _threads(index: int) -> tuple[int, int, list[int]]:
+    del index
+    pools = [pool["num_threads"] for pool in threadpool_info()]
+    return os.getpid(), torch.get_num_threads(), pools
+
+
+def test_reconstruct_many_over_two_workers_equals_one_process() -> None:
+    # Prepare: one round of five clients, one of them with a gradient that does not fit.
+    model = build_model("rconv-main", activation="ReLU", in_channels=1, num_classes=10, seed=14)
+    images = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(3))
+    grads = [single_sample_gradients(model, x, i) for i, x in enumerate(images)]
+    bad = {name: g[..., :1] for name, g in grads[0].items()}
+    clients = [grads[0], grads[1], bad, grads[2], grads[3]]
+    clear_weight_cache()
+    serial = reconstruct_many(model, clients, (1, 32, 32))
+    clear_weight_cache()  # the workers are forked from here: each builds its own
+    # Execute
+    spread = reconstruct_many(model, clients, (1, 32, 32), workers=2)
+    # Assert: the same images and labels, the bad client's error in its place. The images
+    # agree to rounding (the workers run one BLAS thread, this process may run more), far
+    # below the float32 gradients' own noise (~1e-5 at 100 dB).
+    assert len(spread) == len(serial) == 5
+    assert isinstance(spread[2], ReconstructionError)
+    assert str(spread[2]) == str(serial[2])
+    for one, other in zip(serial, spread, strict=True):
+        if isinstance(one, ReconstructionError):
+            continue
+        assert not isinstance(other, ReconstructionError)
+        torch.testing.assert_close(other.image, one.image, rtol=1e-6, atol=1e-8)
+        assert one.label == other.label
+        assert one.warnings == other.warnings
+
+
+def test_work_really_runs_in_other_processes_with_one_thread_each() -> None:
+    # Execute
+    seen = map_in_workers(_threads, 8, 2)
+    # Assert: not this process, two distinct workers, one thread in torch and every pool.
+    assert seen is not None
+    pids = {pid for pid, _, _ in seen}
+    assert os.getpid() not in pids
+    assert len(pids) == 2
+    assert all(threads == 1 for _, threads, _ in seen)
+    assert all(set(pools) <= {1} for _, _, pools in seen)
+
+
+def test_one_worker_or_one_item_runs_in_this_process() -> None:
+    assert map_in_workers(_threads, 8, 1) is None
+    assert map_in_workers(_threads, 1, 4) is None
+    assert attack_each(lambda x: x * 2, [1, 2, 3], 1) == [2, 4, 6]
+
+
+def test_an_unexpected_error_in_a_worker_propagates() -> None:
+    def job(index: int) -> int:
+        if index == 3:
+            raise RuntimeError("a bug in the attack")
+        return index
+
+    with pytest.raises(RuntimeError, match="a bug in the attack"):
+        map_in_workers(job, 6, 2)
+
+
+def test_an_engine_error_takes_its_clients_place() -> None:
+    def attack(value: int) -> int:
+        if value < 0:
+            raise ReconstructionError(f"client {value} carries nothing")
+        return value + 1
+
+    results = attack_each(attack, [1, -2, 3, -4], 2)
+    assert results[0] == 2 and results[2] == 4
+    assert isinstance(results[1], ReconstructionError) and "client -2" in str(results[1])
+    assert isinstance(results[3], ReconstructionError) and "client -4" in str(results[3])
+
+
+def test_tasks_cover_every_client_once_in_order() -> None:
+    for count in (2, 5, 8, 64, 65):
+        for workers in (2, 3, 16):
+            chunks = workers_module._chunks(count, workers)
+            assert [i for chunk in chunks for i in chunk] == list(range(count))
+            assert all(chunks)
+
+
+def test_workers_below_one_are_refused() -> None:
+    with pytest.raises(ValueError, match="workers must be at least 1, got 0"):
+        attack_each(lambda x: x, [1, 2], 0)
+
+
+def test_unsupported_layer_error_survives_pickling() -> None:
+    error = UnsupportedLayerError(["features.1 (MaxPool2d): no inverter", "x (Y): why"])
+    copy = pickle.loads(pickle.dumps(error))
+    assert copy.problems == error.problems
+    assert str(copy) == str(error)
+
+
+def test_available_cores_is_at_least_one() -> None:
+    assert 1 <= available_cores() <= (os.cpu_count() or 1)
