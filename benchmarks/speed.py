@@ -5,7 +5,8 @@ the CLI's models (U(-0.5, 0.5) at seed 50):
 
 - ``rconv-main`` (ReLU) and ``dlg-lenet`` one image at a time: median ms/image, PSNR;
 - one round of ``--clients`` clients (one ``reconstruct_many`` call, same weights,
-  different images): amortised ms/image;
+  different images), in this process and over ``--workers`` processes: amortised
+  ms/image, the round's own per-weights work included;
 - peak memory (``ru_maxrss`` of a fresh subprocess per measurement);
 - scaling: ``rconv-main`` at 32, 64 and 128 px (the classifier follows the input size),
   median seconds/image and the fitted exponent of time against pixel count;
@@ -44,7 +45,13 @@ from torch import nn
 
 from fl_attack.attacks import ATTACKS, DLGOptions
 from fl_attack.data import default_data_dir, load_dataset
-from fl_attack.engine import EngineError, Reconstruction, check, single_sample_gradients
+from fl_attack.engine import (
+    EngineError,
+    Reconstruction,
+    available_cores,
+    check,
+    single_sample_gradients,
+)
 from fl_attack.engine.shared import clear_weight_cache
 from fl_attack.metrics import psnr
 from fl_attack.models import ACTIVATIONS, build_model, init_uniform
@@ -179,16 +186,19 @@ def summary(rows: list[Row]) -> Row:
     }
 
 
-def round_of_clients(model: torch.nn.Module, images: torch.Tensor, labels: list[int]) -> Row:
+def round_of_clients(
+    model: torch.nn.Module, images: torch.Tensor, labels: list[int], workers: int
+) -> Row:
     """One ``reconstruct_many`` call on every image (one round, shared weights)."""
     grads = _gradients(model, images, labels)
-    clear_weight_cache()  # the round pays for its own per-weights work
+    clear_weight_cache()  # the round pays for its own per-weights work (so does each worker)
     start = time.perf_counter()
-    results = ATTACKS["rconv"](model, grads, tuple(images.shape[1:]))
+    results = ATTACKS["rconv"](model, grads, tuple(images.shape[1:]), workers=workers)
     seconds = time.perf_counter() - start
     psnrs = [_score(x, r) for x, r in zip(images, results, strict=True)]
     return {
         "clients": len(images),
+        "workers": workers,
         "seconds": seconds,
         "amortised_ms": seconds * 1e3 / len(images),
         "median_psnr": statistics.median(psnrs),
@@ -480,10 +490,10 @@ def table(results: Row) -> Table:
                 db(row),
                 f"median of {row['n']}{_refused(row)}, builds the weights' factorisation",
             )
-    if "round" in results:
-        row = results["round"]
+    for row in results.get("rounds", []):
+        where = "in one process" if row["workers"] == 1 else f"over {row['workers']} workers"
         out.add_row(
-            f"R-CONV rconv-main, round of {row['clients']}",
+            f"R-CONV rconv-main, round of {row['clients']} {where}",
             f"{row['amortised_ms']:.1f} ms/img",
             db(row),
             f"one call, {row['seconds']:.2f} s, {row['errors']} errors",
@@ -573,6 +583,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scale-budget", type=float, default=600.0, help="seconds per input size, at most"
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=available_cores(),
+        help="processes for the round of clients (default: one per core)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the FL runs")
     parser.add_argument("--skip-fl", action="store_true", help="leave out the FL runs")
     parser.add_argument("--skip-memory", action="store_true", help="leave out the memory probes")
@@ -643,11 +659,17 @@ def main(argv: list[str] | None = None) -> int:
             f"{results[key]['cold_summary']['median_ms']:.1f} ms/image (first image of a model)"
         )
 
-    results["round"] = round_of_clients(
-        _model("rconv-main", "ReLU"), images[: args.clients], labels[: args.clients]
-    )
-    save()
-    log(f"round of {args.clients}: {results['round']['amortised_ms']:.1f} ms/image amortised")
+    results["rounds"] = []
+    for workers in sorted({1, args.workers}):
+        row = round_of_clients(
+            _model("rconv-main", "ReLU"), images[: args.clients], labels[: args.clients], workers
+        )
+        results["rounds"].append(row)
+        save()
+        log(
+            f"round of {args.clients}, {workers} worker(s): {row['amortised_ms']:.1f} ms/image "
+            "amortised"
+        )
 
     if not args.skip_memory:
         results["memory"] = memory(args, log)

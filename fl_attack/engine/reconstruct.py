@@ -265,6 +265,18 @@ def reconstruct(
     problems = check(model, shape)
     if problems:
         raise UnsupportedLayerError(problems)
+    return _reconstruct_checked(model, gradients, shape, options, input_floor, start)
+
+
+def _reconstruct_checked(
+    model: nn.Module,
+    gradients: Gradients,
+    shape: Shape,
+    options: SolveOptions | None,
+    input_floor: float | None,
+    start: float,
+) -> Reconstruction:
+    """:func:`reconstruct` of a model that :func:`check` has passed for ``shape``."""
     chain, _ = layer_chain(model)
     named = named_gradients(model, gradients)
     if options is None:
@@ -336,15 +348,17 @@ def reconstruct_many(
         In the order of ``gradients``; a client whose gradients cannot be inverted gets its
         error in place of a result, so one bad update does not stop the round.
     """
+    shape: Shape = tuple(int(s) for s in input_shape)
+    problems = check(model, shape)  # once for the round: every client has the same model
+
+    def attack(grads: Gradients) -> Reconstruction:
+        if problems:
+            raise UnsupportedLayerError(problems)
+        return _reconstruct_checked(model, grads, shape, options, input_floor, time.perf_counter())
+
     # Per-weight work (e.g. a conv layer's factorisation) is cached by the weights' digest
     # (fl_attack.engine.shared), so the first client of a process pays for it.
-    return attack_each(
-        lambda grads: reconstruct(
-            model, grads, input_shape, options=options, input_floor=input_floor
-        ),
-        gradients,
-        workers,
-    )
+    return attack_each(attack, gradients, workers)
 
 
 def _findings(
