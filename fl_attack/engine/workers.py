@@ -4,20 +4,24 @@ A round's clients are independent given the model, and the engine's work is many
 solves that hold Python's GIL between them: threads barely help (measured 1.25x on two
 cores), processes do. Workers are *forked* with the job already in memory, so the model
 and the gradients reach them without pickling (any model works, even one defined in a
-script); only the results travel back, as plain pickles.
+script); only the results travel back, as plain pickles through a pipe.
+
+The server forks from a thread while Flower, Ray and gRPC run threads of their own, so a
+child touches nothing but the job and its pipe, and leaves with ``os._exit``: no
+interpreter shutdown, no atexit hooks, no waiting for threads that the fork did not copy
+(a ``ProcessPoolExecutor`` child hung exactly there, in ``threading._shutdown``).
 """
 
 from __future__ import annotations
 
-import itertools
-import multiprocessing
 import os
 import pickle
+import signal
+import sys
 import threading
+import traceback
 import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
 
 import torch
@@ -31,11 +35,6 @@ T = TypeVar("T")
 C = TypeVar("C")
 R = TypeVar("R")
 
-# Tasks per worker: small enough to balance an expensive client against cheap ones, large
-# enough that a task's round trip (~1 ms) stays small against its clients (~15 ms each).
-_TASKS_PER_WORKER = 4
-
-_JOB: Callable[[int], object] | None = None  # read by the forked workers
 _ONE_JOB_AT_A_TIME = threading.Lock()
 
 
@@ -47,28 +46,37 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _init_worker() -> None:
-    # One thread per worker, in torch and in the BLAS/OpenMP pools numpy and scipy use: the
-    # workers already fill the cores, and a forked OpenBLAS pool left at two threads
-    # spins against the other worker (measured: a 0.25 s factorisation took 7 s).
-    torch.set_num_threads(1)
-    threadpool_limits(1)
-
-
-def _run(indices: list[int]) -> bytes:
-    assert _JOB is not None, "a worker was started without a job"
-    return pickle.dumps([_JOB(i) for i in indices], protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def _chunks(count: int, workers: int) -> list[list[int]]:
-    """``range(count)`` cut into contiguous tasks, about ``_TASKS_PER_WORKER`` per worker."""
-    tasks = min(count, workers * _TASKS_PER_WORKER)
-    bounds = [round(k * count / tasks) for k in range(tasks + 1)]
-    return [list(range(a, b)) for a, b in itertools.pairwise(bounds) if b > a]
+def _child(job: Callable[[int], object], indices: list[int], out: int) -> None:
+    """Run ``job`` on ``indices`` and write the pickled outcome to ``out``; never returns."""
+    code = 0
+    try:
+        # One thread per worker, in torch and in the BLAS/OpenMP pools numpy and scipy use:
+        # the workers already fill the cores, and a forked OpenBLAS pool left at two
+        # threads spins against the other worker (measured: 0.25 s of work took 7 s).
+        torch.set_num_threads(1)
+        threadpool_limits(1)
+        try:
+            outcome: tuple[str, object, str] = ("ok", [job(i) for i in indices], "")
+        except BaseException as exc:  # sent to the parent, raised there
+            outcome = ("raised", exc, traceback.format_exc())
+        try:
+            data = pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # an unpicklable result or exception
+            error = RuntimeError(f"a worker's outcome does not pickle: {exc}")
+            data = pickle.dumps(("raised", error, traceback.format_exc()))
+        with os.fdopen(out, "wb") as pipe:
+            pipe.write(data)
+    except BaseException:
+        code = 1
+    finally:
+        os._exit(code)
 
 
 def map_in_workers(job: Callable[[int], T], count: int, workers: int) -> list[T] | None:
     """``[job(i) for i in range(count)]``, spread over ``workers`` forked processes.
+
+    Worker ``k`` takes indices ``k, k + workers, ...``: a round's expensive updates are
+    scattered, so interleaving balances them without a task queue.
 
     Parameters
     ----------
@@ -84,39 +92,68 @@ def map_in_workers(job: Callable[[int], T], count: int, workers: int) -> list[T]
     -------
     list or None
         The results in index order; None when worker processes are not worth it or not
-        available (one worker or index, no ``fork`` on this platform, inside a daemonic
-        process, or the workers died): the caller then runs the job itself. An exception
-        raised by ``job`` propagates.
+        available (one worker or index, no ``fork`` on this platform, or a worker died):
+        the caller then runs the job itself. An exception raised by ``job`` propagates.
     """
-    global _JOB
     workers = min(workers, count)
-    if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
+    if workers < 2 or not hasattr(os, "fork") or sys.platform == "darwin":
+        return None  # macOS: forking a process that has used Apple's frameworks can crash
+    shares = [list(range(k, count, workers)) for k in range(workers)]
+    with _ONE_JOB_AT_A_TIME:
+        outcomes = _fork_and_collect(job, shares)
+    if outcomes is None:
+        warnings.warn(
+            "a worker process could not start or died before returning its results; "
+            "running in this process instead",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return None
-    if multiprocessing.current_process().daemon:  # daemons may not have children
-        return None
-    chunks = _chunks(count, workers)
-    with _ONE_JOB_AT_A_TIME:  # the children read _JOB when they are forked
-        _JOB = job
-        try:
-            with ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("fork"), initializer=_init_worker
-            ) as pool:
-                parts = [pickle.loads(part) for part in pool.map(_run, chunks)]
-        except (BrokenProcessPool, OSError) as exc:
-            warnings.warn(
-                f"worker processes failed ({type(exc).__name__}: {exc}); running in this "
-                "process instead",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            return None
-        finally:
-            _JOB = None
     results: list[T] = [None] * count  # type: ignore[list-item]
-    for chunk, part in zip(chunks, parts, strict=True):
-        for index, result in zip(chunk, part, strict=True):
+    for share, (kind, value, where) in zip(shares, outcomes, strict=True):
+        if kind == "raised":
+            assert isinstance(value, BaseException)
+            value.add_note(f"raised in a worker process:\n{where}")
+            raise value
+        for index, result in zip(share, value, strict=True):  # type: ignore[call-overload]
             results[index] = result
     return results
+
+
+def _fork_and_collect(
+    job: Callable[[int], object], shares: list[list[int]]
+) -> list[tuple[str, object, str]] | None:
+    """One forked child per share; every child's outcome, or None if one is missing."""
+    children: list[tuple[int, int]] = []  # (pid, read end of its pipe)
+    outcomes: list[tuple[str, object, str] | None] = []
+    try:
+        for share in shares:
+            read, write = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child
+                os.close(read)
+                _child(job, share, write)
+            os.close(write)  # else a later child holds it open and the read never ends
+            children.append((pid, read))
+        for _, read in children:  # read every pipe to its end before reaping
+            with os.fdopen(read, "rb", closefd=False) as pipe:
+                data = pipe.read()
+            try:
+                outcomes.append(pickle.loads(data))
+            except Exception:  # empty or cut short: the child died
+                outcomes.append(None)
+    except OSError:  # fork or pipe failed (e.g. out of processes or memory)
+        return None
+    finally:
+        for _, read in children:
+            os.close(read)
+        for pid, _ in children[len(outcomes) :]:  # interrupted: stop the others
+            os.kill(pid, signal.SIGKILL)
+        for pid, _ in children:
+            os.waitpid(pid, 0)
+    if any(outcome is None for outcome in outcomes):
+        return None
+    return [outcome for outcome in outcomes if outcome is not None]
 
 
 def attack_each(

@@ -16,7 +16,6 @@ from fl_attack.engine import (
     reconstruct_many,
     single_sample_gradients,
 )
-from fl_attack.engine import workers as workers_module
 from fl_attack.engine.shared import clear_weight_cache
 from fl_attack.engine.workers import attack_each, map_in_workers
 from fl_attack.models import build_model
@@ -95,12 +94,21 @@ def test_an_engine_error_takes_its_clients_place() -> None:
     assert isinstance(results[3], ReconstructionError) and "client -4" in str(results[3])
 
 
-def test_tasks_cover_every_client_once_in_order() -> None:
-    for count in (2, 5, 8, 64, 65):
-        for workers in (2, 3, 16):
-            chunks = workers_module._chunks(count, workers)
-            assert [i for chunk in chunks for i in chunk] == list(range(count))
-            assert all(chunks)
+def test_a_worker_that_dies_sends_the_round_back_to_this_process() -> None:
+    def job(index: int) -> int:
+        if index == 1:
+            os._exit(3)  # as if killed (out of memory, a signal) mid-round
+        return index
+
+    with pytest.warns(RuntimeWarning, match="running in this process instead"):
+        assert map_in_workers(job, 4, 2) is None
+    # and the round still gets every answer, computed here
+    assert attack_each(lambda x: x * 10, [0, 1, 2, 3], 1) == [0, 10, 20, 30]
+
+
+def test_results_come_back_in_client_order() -> None:
+    for count, workers in ((2, 2), (5, 2), (7, 3), (64, 2)):
+        assert map_in_workers(lambda i: i * i, count, workers) == [i * i for i in range(count)]
 
 
 def test_workers_below_one_are_refused() -> None:
