@@ -20,6 +20,7 @@ from fl_attack.engine.shared import for_weights
 from fl_attack.engine.solve import (
     SpdSolution,
     factor_square,
+    normal_matrix,
     solve_deflated,
     solve_spd,
     well_posed_cholesky,
@@ -508,7 +509,7 @@ def _solve_gradient_first(client: _Client, gram: torch.Tensor) -> torch.Tensor |
     k_zg = conv(z_g.T.reshape(1, c, h, w), client.weight).reshape(-1)[known]
     r_weight = (client.target[known] - k_zg) / rms
     # Normal equations on (channel, weak): G^T G is diagonal there, the same per channel.
-    small = k_basis.T @ k_basis
+    small = normal_matrix(k_basis)
     small.diagonal().add_(evals[weak].repeat(c))
     chol = well_posed_cholesky(small, client.options.rank_rtol)
     if chol is None:
