@@ -338,9 +338,10 @@ def reconstruct_many(
     gradients : sequence of gradients
         One entry per client, each as :func:`reconstruct` takes it.
     workers : int, optional
-        Processes to spread the clients over (see :func:`fl_attack.engine.available_cores`); 1, the
-        default, attacks them one after another in this process. Each worker builds the
-        per-weights work it needs; the results are the same either way.
+        Processes to spread the clients over, e.g. one per core
+        (:func:`fl_attack.engine.available_cores`); 1, the default, attacks them one after
+        another in this process. Each worker builds the per-weights work it needs and runs
+        one thread, so results agree with a run in this process to rounding.
 
     Returns
     -------
