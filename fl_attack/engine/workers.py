@@ -35,6 +35,8 @@ T = TypeVar("T")
 C = TypeVar("C")
 R = TypeVar("R")
 
+# One fork-and-collect at a time: a child forked by a second thread would inherit the
+# first call's pipe write ends and hold its reads open until that child exits.
 _ONE_JOB_AT_A_TIME = threading.Lock()
 
 

@@ -230,6 +230,7 @@ class Conv2dInverter(Inverter):
             if refined is not None:
                 d_out, resolved, unresolved = refined, resolved + unresolved, 0
         g, b_grad, kept = _gradient_system(d_out, d_weight, layer, input_shape, options)
+        gtb = g.T @ b_grad  # (hw, c): G^T b of every channel, used by every path
         equations = int(g.shape[0]) * c
         bias = layer.bias.detach().to(torch.float64) if layer.bias is not None else None
         known = output.known.reshape(-1)
@@ -248,7 +249,7 @@ class Conv2dInverter(Inverter):
         per_channel = (
             solve_spd(
                 gram(),
-                g.T @ b_grad,  # (hw, c)
+                gtb,
                 rank_rtol=options.rank_rtol,
                 floor=input_floor if n_weight == 0 else None,
             )
@@ -291,6 +292,7 @@ class Conv2dInverter(Inverter):
                 known=known,
                 g=g,
                 b_grad=b_grad,
+                gtb=gtb,
                 blocks=blocks,
                 rms=rms,
                 options=options,
@@ -387,8 +389,9 @@ class _Client:
     """One client's stacked system at a conv layer, as the fast solvers take it.
 
     ``target`` holds ``O - b`` for every output row (guesses where ``known`` is False);
-    ``g``/``b_grad`` are the gradient rows (the same matrix for every input channel) and
-    ``blocks`` their split by pixel phase; weight rows are scaled by ``1 / rms``.
+    ``g``/``b_grad`` are the gradient rows (the same matrix for every input channel),
+    ``gtb`` is ``g^T b_grad`` (hw, c) and ``blocks`` their split by pixel phase; weight rows
+    are scaled by ``1 / rms``.
     """
 
     layer: nn.Conv2d
@@ -400,6 +403,7 @@ class _Client:
     known: torch.Tensor
     g: torch.Tensor
     b_grad: torch.Tensor
+    gtb: torch.Tensor
     blocks: list[tuple[torch.Tensor, torch.Tensor]]
     rms: float
     options: SolveOptions
@@ -409,14 +413,15 @@ class _Client:
         """Output rows whose value is unknown (their weight equations are left out)."""
         return torch.nonzero(~self.known).flatten()
 
-    def gradient_rhs(self) -> torch.Tensor:
-        """``G^T b`` of every channel, flattened channel by channel: (c*hw,)."""
-        return (self.g.T @ self.b_grad).T.reshape(-1)
+    def normal_rhs(self) -> torch.Tensor:
+        """``A^T b`` of the stacked system, flattened channel by channel: (c*hw,).
 
-    def weight_rhs(self) -> torch.Tensor:
-        """``K^T (O - b)`` over the known rows, in the scaled rows' units: (c*hw,)."""
+        ``G^T b`` per channel plus ``K^T (O - b)`` over the known rows, in the scaled rows'
+        units.
+        """
         known_target = torch.where(self.known, self.target, torch.zeros_like(self.target))
-        return torch.from_numpy(self.kfull.T @ (known_target / self.rms).numpy()) / self.rms
+        weight = torch.from_numpy(self.kfull.T @ (known_target / self.rms).numpy()) / self.rms
+        return self.gtb.T.reshape(-1) + weight
 
 
 def _relative_residual(client: _Client, z: torch.Tensor) -> float:
@@ -495,7 +500,7 @@ def _solve_gradient_first(client: _Client, gram: torch.Tensor) -> torch.Tensor |
     weak = torch.zeros(hw, dtype=torch.bool)
     weak[:d] = True
     strong, basis = evecs[:, ~weak], evecs[:, weak]  # (hw, hw - d), (hw, d)
-    gtb = client.g.T @ client.b_grad  # (hw, c)
+    gtb = client.gtb
     z_g = strong @ ((strong.T @ gtb) / evals[~weak].unsqueeze(1))  # (hw, c)
 
     def conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -538,7 +543,7 @@ def _solve_tall(client: _Client) -> torch.Tensor | None:
     if inverse is None:
         return None
     scale2 = rms * rms  # (K^T K / rms^2)^-1 = scale2 * inverse, applied to small results
-    h_vec = client.weight_rhs() + client.gradient_rhs()
+    h_vec = client.normal_rhs()
     # Low-rank terms: every channel's gradient rows (+1) and the free weight rows (-1).
     rows_g = g.shape[0]
     width = c * rows_g + free.numel()
@@ -654,7 +659,7 @@ def _solve_dense(client: _Client, gram: torch.Tensor, input_floor: float | None)
     normal = torch.from_numpy(kk)
     for k in range(c):  # the gradient rows repeat per channel: add G^T G in place
         normal[k * hw : (k + 1) * hw, k * hw : (k + 1) * hw] += gram
-    rhs = client.gradient_rhs() + client.weight_rhs()
+    rhs = client.normal_rhs()
     return solve_spd(normal, rhs, rank_rtol=client.options.rank_rtol, floor=input_floor)
 
 
