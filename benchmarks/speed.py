@@ -413,8 +413,14 @@ def memory(args: argparse.Namespace, log: Callable[[str], None]) -> Row:
 
 
 def federation(args: argparse.Namespace, log: Callable[[str], None]) -> Row:
-    """Wall time of the default scenario with ``--clients`` clients, with and without attack."""
-    runs: dict[str, Row] = {}
+    """Wall time of the default scenario with ``--clients`` clients, with and without attack.
+
+    Each arm runs ``--fl-repeats`` times, alternating, and its median is kept: a Flower
+    simulation's wall time moves by a second or two from run to run (Ray's start-up, the
+    clients' scheduling), as much as the attack itself costs.
+    """
+    times: dict[str, list[float]] = {"without_attack": [], "with_attack": []}
+    last: dict[str, Row] = {}
     with tempfile.TemporaryDirectory(prefix="fl-attack-speed-") as tmp:
         env = {
             **os.environ,
@@ -424,36 +430,43 @@ def federation(args: argparse.Namespace, log: Callable[[str], None]) -> Row:
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "OMP_NUM_THREADS": str(args.threads),
         }
-        for label, extra in (("without_attack", ["--no-attack"]), ("with_attack", [])):
-            command = [
-                sys.executable,
-                "-m",
-                "fl_attack",
-                "run",
-                str(REPO / "scenarios" / "default.toml"),
-                "--clients",
-                str(args.clients),
-                "--rounds",
-                str(args.rounds),
-                "--name",
-                label,
-                "--out-dir",
-                str(Path(tmp) / "runs"),
-                *extra,
-            ]
-            start = time.perf_counter()
-            done = subprocess.run(
-                command, capture_output=True, text=True, env=env, cwd=REPO, check=False
-            )
-            seconds = time.perf_counter() - start
-            run: Row = {"seconds": seconds, "returncode": done.returncode}
-            if done.returncode != 0:
-                run["stderr_tail"] = done.stderr.strip()[-1000:]
-            summary_file = Path(tmp) / "runs" / label / "summary.json"
-            if summary_file.is_file():
-                run["summary"] = json.loads(summary_file.read_text(encoding="utf-8"))
-            runs[label] = run
-            log(f"federation {label}: {seconds:.1f} s (exit {done.returncode})")
+        for repeat in range(args.fl_repeats):
+            for label, extra in (("without_attack", ["--no-attack"]), ("with_attack", [])):
+                name = f"{label}-{repeat}"
+                command = [
+                    sys.executable,
+                    "-m",
+                    "fl_attack",
+                    "run",
+                    str(REPO / "scenarios" / "default.toml"),
+                    "--clients",
+                    str(args.clients),
+                    "--rounds",
+                    str(args.rounds),
+                    "--name",
+                    name,
+                    "--out-dir",
+                    str(Path(tmp) / "runs"),
+                    *extra,
+                ]
+                start = time.perf_counter()
+                done = subprocess.run(
+                    command, capture_output=True, text=True, env=env, cwd=REPO, check=False
+                )
+                seconds = time.perf_counter() - start
+                run: Row = {"seconds": seconds, "returncode": done.returncode}
+                if done.returncode != 0:
+                    run["stderr_tail"] = done.stderr.strip()[-1000:]
+                summary_file = Path(tmp) / "runs" / name / "summary.json"
+                if summary_file.is_file():
+                    run["summary"] = json.loads(summary_file.read_text(encoding="utf-8"))
+                times[label].append(seconds)
+                last[label] = run
+                log(f"federation {name}: {seconds:.1f} s (exit {done.returncode})")
+    runs = {
+        label: {**last[label], "seconds": statistics.median(times[label]), "runs_s": times[label]}
+        for label in times
+    }
     ratio = runs["with_attack"]["seconds"] / runs["without_attack"]["seconds"]
     return {"clients": args.clients, "rounds": args.rounds, **runs, "ratio": ratio}
 
@@ -570,7 +583,8 @@ def table(results: Row) -> Table:
                 + label.replace("_", " "),
                 f"{fl[label]['seconds']:.1f} s",
                 "",
-                f"exit {fl[label]['returncode']}",
+                "median of " + ", ".join(f"{t:.1f}" for t in fl[label]["runs_s"]) + " s; last exit "
+                f"{fl[label]['returncode']}",
             )
         out.add_row("FL time ratio with / without attack", f"{fl['ratio']:.2f}", "", "")
     return out
@@ -596,6 +610,9 @@ def main(argv: list[str] | None = None) -> int:
         help="processes for the round of clients (default: one per core)",
     )
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the FL runs")
+    parser.add_argument(
+        "--fl-repeats", type=int, default=3, help="runs of each FL arm (the median is kept)"
+    )
     parser.add_argument("--skip-fl", action="store_true", help="leave out the FL runs")
     parser.add_argument("--skip-memory", action="store_true", help="leave out the memory probes")
     parser.add_argument(
