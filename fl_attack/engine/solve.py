@@ -348,7 +348,10 @@ def factor_square(kmat: sparse.spmatrix, width: int, *, seed: int = 0) -> Square
     if kmat.shape != (n, n) or n == 0:
         return None
     try:
-        lu = splu(sparse.csc_matrix(kmat, dtype=np.float64), permc_spec="COLAMD")
+        # Minimum degree on K^T K: for conv matrices its factors fill less than COLAMD's
+        # (rconv-main's first layer: 1.13M against 1.37M entries), and every client's
+        # solve reads them all (0.53 against 0.74 ms per column).
+        lu = splu(sparse.csc_matrix(kmat, dtype=np.float64), permc_spec="MMD_ATA")
     except RuntimeError:  # exactly singular
         return None
     width = max(1, min(width, n))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import struct
 import sys
 import threading
 import traceback
@@ -38,6 +39,8 @@ R = TypeVar("R")
 # One fork-and-collect at a time: a child forked by a second thread would inherit the
 # first call's pipe write ends and hold its reads open until that child exits.
 _ONE_JOB_AT_A_TIME = threading.Lock()
+# An index as it travels through the ticket pipe.
+_TICKET = struct.Struct("<q")
 
 
 def available_cores() -> int:
@@ -48,8 +51,18 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _child(job: Callable[[int], object], indices: list[int], out: int) -> None:
-    """Run ``job`` on ``indices`` and write the pickled outcome to ``out``; never returns."""
+def _next_index(tickets: int) -> int | None:
+    """Take the next index from the shared ticket pipe; None once it is empty and closed."""
+    data = os.read(tickets, _TICKET.size)
+    return _TICKET.unpack(data)[0] if data else None
+
+
+def _child(job: Callable[[int], object], tickets: int, out: int) -> None:
+    """Run ``job`` on indices taken from ``tickets``, write the pickled outcome to ``out``.
+
+    Never returns. The outcome is ``("ok", [(index, result), ...], "")`` or
+    ``("raised", exception, traceback)``.
+    """
     code = 0
     try:
         # One thread per worker, in torch and in the BLAS/OpenMP pools numpy and scipy use:
@@ -58,7 +71,10 @@ def _child(job: Callable[[int], object], indices: list[int], out: int) -> None:
         torch.set_num_threads(1)
         threadpool_limits(1)
         try:
-            outcome: tuple[str, object, str] = ("ok", [job(i) for i in indices], "")
+            done: list[tuple[int, object]] = []
+            while (index := _next_index(tickets)) is not None:
+                done.append((index, job(index)))
+            outcome: tuple[str, object, str] = ("ok", done, "")
         except BaseException as exc:  # sent to the parent, raised there
             outcome = ("raised", exc, traceback.format_exc())
         try:
@@ -77,8 +93,8 @@ def _child(job: Callable[[int], object], indices: list[int], out: int) -> None:
 def map_in_workers(job: Callable[[int], T], count: int, workers: int) -> list[T] | None:
     """``[job(i) for i in range(count)]``, spread over ``workers`` forked processes.
 
-    Worker ``k`` takes indices ``k, k + workers, ...``: a round's expensive updates are
-    scattered, so interleaving balances them without a task queue.
+    Each worker takes the next index as soon as it is free (a shared pipe of tickets), so
+    a round's few expensive updates do not leave one worker running alone at the end.
 
     Parameters
     ----------
@@ -100,9 +116,8 @@ def map_in_workers(job: Callable[[int], T], count: int, workers: int) -> list[T]
     workers = min(workers, count)
     if workers < 2 or not hasattr(os, "fork") or sys.platform == "darwin":
         return None  # macOS: forking a process that has used Apple's frameworks can crash
-    shares = [list(range(k, count, workers)) for k in range(workers)]
     with _ONE_JOB_AT_A_TIME:
-        outcomes = _fork_and_collect(job, shares)
+        outcomes = _fork_and_collect(job, count, workers)
     if outcomes is None:
         warnings.warn(
             "a worker process could not start or died before returning its results; "
@@ -112,31 +127,48 @@ def map_in_workers(job: Callable[[int], T], count: int, workers: int) -> list[T]
         )
         return None
     results: list[T] = [None] * count  # type: ignore[list-item]
-    for share, (kind, value, where) in zip(shares, outcomes, strict=True):
+    for kind, value, where in outcomes:
         if kind == "raised":
             assert isinstance(value, BaseException)
             value.add_note(f"raised in a worker process:\n{where}")
             raise value
-        for index, result in zip(share, value, strict=True):  # type: ignore[call-overload]
+    for _, value, _ in outcomes:
+        for index, result in value:  # type: ignore[attr-defined]
             results[index] = result
     return results
 
 
 def _fork_and_collect(
-    job: Callable[[int], object], shares: list[list[int]]
+    job: Callable[[int], object], count: int, workers: int
 ) -> list[tuple[str, object, str]] | None:
-    """One forked child per share; every child's outcome, or None if one is missing."""
+    """``workers`` forked children sharing ``count`` tickets; every child's outcome, or None.
+
+    None when a child is missing (it died) or the indices were not all done.
+    """
     children: list[tuple[int, int]] = []  # (pid, read end of its pipe)
     outcomes: list[tuple[str, object, str] | None] = []
+    tickets, issue = os.pipe()
     try:
-        for share in shares:
+        for _ in range(workers):
             read, write = os.pipe()
             pid = os.fork()
             if pid == 0:  # the child
                 os.close(read)
-                _child(job, share, write)
+                os.close(issue)  # else the ticket pipe never reports its end
+                _child(job, tickets, write)
             os.close(write)  # else a later child holds it open and the read never ends
             children.append((pid, read))
+        os.close(tickets)
+        tickets = -1
+        # One write per ticket: each is atomic (far below PIPE_BUF), so a read of one
+        # ticket's size always takes exactly one whole ticket.
+        try:
+            for index in range(count):
+                os.write(issue, _TICKET.pack(index))
+        except BrokenPipeError:
+            pass  # every child has stopped taking tickets; each reports why below
+        os.close(issue)
+        issue = -1
         for _, read in children:  # read every pipe to its end before reaping
             with os.fdopen(read, "rb", closefd=False) as pipe:
                 data = pipe.read()
@@ -144,9 +176,12 @@ def _fork_and_collect(
                 outcomes.append(pickle.loads(data))
             except Exception:  # empty or cut short: the child died
                 outcomes.append(None)
-    except OSError:  # fork or pipe failed (e.g. out of processes or memory)
+    except OSError:  # fork or pipe failed (out of processes or memory), or all children died
         return None
     finally:
+        for fd in (tickets, issue):
+            if fd >= 0:
+                os.close(fd)
         for _, read in children:
             os.close(read)
         for pid, _ in children[len(outcomes) :]:  # interrupted: stop the others
@@ -155,7 +190,11 @@ def _fork_and_collect(
             os.waitpid(pid, 0)
     if any(outcome is None for outcome in outcomes):
         return None
-    return [outcome for outcome in outcomes if outcome is not None]
+    complete = [outcome for outcome in outcomes if outcome is not None]
+    done = sum(len(value) for kind, value, _ in complete if kind == "ok")  # type: ignore[arg-type]
+    if done != count and all(kind == "ok" for kind, _, _ in complete):
+        return None  # every index must come back exactly once
+    return complete
 
 
 def attack_each(

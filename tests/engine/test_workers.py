@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from fl_attack.models import build_model
 
 def _threads(index: int) -> tuple[int, int, list[int]]:
     del index
+    time.sleep(0.05)  # long enough that both workers take tickets
     pools = [pool["num_threads"] for pool in threadpool_info()]
     return os.getpid(), torch.get_num_threads(), pools
 
@@ -125,3 +127,31 @@ def test_unsupported_layer_error_survives_pickling() -> None:
 
 def test_available_cores_is_at_least_one() -> None:
     assert 1 <= available_cores() <= (os.cpu_count() or 1)
+
+
+def test_a_free_worker_takes_the_next_client() -> None:
+    # Prepare: client 0 is slow. With fixed shares its worker would also get 2, 4, ...
+    def job(index: int) -> int:
+        time.sleep(0.6 if index == 0 else 0.02)
+        return os.getpid()
+
+    # Execute
+    pids = map_in_workers(job, 10, 2)
+    # Assert: the slow client's worker did nothing else; the other took the rest.
+    assert pids is not None
+    assert pids.count(pids[0]) == 1
+    assert len(set(pids)) == 2
+
+
+def test_more_clients_than_the_ticket_pipe_holds_all_come_back() -> None:
+    # 20000 tickets of 8 bytes overflow a 64 KiB pipe: the parent writes while workers read.
+    assert map_in_workers(lambda i: i, 20000, 2) == list(range(20000))
+
+
+def test_an_error_in_every_worker_propagates_while_tickets_remain() -> None:
+    # Both workers stop taking tickets at once: the parent's writes then find no reader.
+    def job(index: int) -> int:
+        raise RuntimeError(f"bug at {index}")
+
+    with pytest.raises(RuntimeError, match="bug at"):
+        map_in_workers(job, 20000, 2)
