@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy import sparse
+from scipy import optimize, sparse
 
 from fl_attack.engine import shared, solve
 from fl_attack.engine.shared import clear_weight_cache, for_weights
@@ -155,9 +155,9 @@ def test_bounded_solve_works_on_the_unknowns_the_lost_directions_touch(
     sizes: list[int] = []
     real = solve._bounded
 
-    def spy(evals, evecs, keep, rhs, floor):  # type: ignore[no-untyped-def]
+    def spy(evals, evecs, keep, rhs, floor, start):  # type: ignore[no-untyped-def]
         sizes.append(evecs.shape[0])
-        return real(evals, evecs, keep, rhs, floor)
+        return real(evals, evecs, keep, rhs, floor, start)
 
     monkeypatch.setattr(solve, "_bounded", spy)
     # Execute
@@ -166,3 +166,57 @@ def test_bounded_solve_works_on_the_unknowns_the_lost_directions_touch(
     assert solution.bounded and solution.rank == 40
     torch.testing.assert_close(solution.x, x, rtol=1e-8, atol=1e-9)
     assert sizes == [3]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_block_pivoting_agrees_with_lawson_hanson(seed: int) -> None:
+    # Prepare: a well-posed bounded problem whose answer has many unknowns on the bound,
+    # and a poor first guess (every unknown free).
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((120, 80))
+    b = a @ np.maximum(rng.standard_normal(80), 0.0) + 0.5 * rng.standard_normal(120)
+    oracle, _ = optimize.nnls(a, b)
+    normal, rhs = torch.from_numpy(a.T @ a), torch.from_numpy(a.T @ b)
+    # Execute
+    z = solve._block_pivoting(normal, rhs, torch.ones(80, dtype=torch.bool))
+    # Assert: the same minimiser (the problem is strictly convex), some of it on the bound.
+    assert z is not None
+    torch.testing.assert_close(z, torch.from_numpy(oracle), rtol=1e-8, atol=1e-10)
+    assert 10 < int((z == 0).sum()) < 70
+
+
+def test_block_pivoting_gives_up_where_the_bound_leaves_a_direction_open() -> None:
+    # Prepare: a lost direction (1, 1, -1) on unknowns that all stay above the bound.
+    a, x = _dependent_columns(4)
+    x[0] = x[2] = 0.5
+    normal = a.T @ a
+    # Execute
+    z = solve._block_pivoting(normal, normal @ x, torch.ones(40, dtype=torch.bool))
+    # Assert: no answer (the caller falls back), rather than one picked by rounding.
+    assert z is None
+
+
+def test_bounded_solve_falls_back_to_lawson_hanson_with_the_same_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: the pinned problem, solved once normally and once with pivoting disabled.
+    a, x = _dependent_columns(5)
+    normal, rhs = a.T @ a, a.T @ (a @ x)
+    found: list[bool] = []
+    real = solve._block_pivoting
+
+    def spy(*args):  # type: ignore[no-untyped-def]
+        z = real(*args)
+        found.append(z is not None)
+        return z
+
+    monkeypatch.setattr(solve, "_block_pivoting", spy)
+    quick = solve_spd(normal, rhs, rank_rtol=1e-6, floor=0.0)
+    assert found == [True]  # the pivoting found it
+    monkeypatch.setattr(solve, "_block_pivoting", lambda *args: None)
+    # Execute
+    slow = solve_spd(normal, rhs, rank_rtol=1e-6, floor=0.0)
+    # Assert: both paths find the truth.
+    assert quick.bounded and slow.bounded
+    torch.testing.assert_close(quick.x, x, rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(slow.x, quick.x, rtol=1e-8, atol=1e-9)
