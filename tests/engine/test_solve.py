@@ -155,9 +155,9 @@ def test_bounded_solve_works_on_the_unknowns_the_lost_directions_touch(
     sizes: list[int] = []
     real = solve._bounded
 
-    def spy(evals, evecs, keep, rhs, floor, start):  # type: ignore[no-untyped-def]
-        sizes.append(evecs.shape[0])
-        return real(evals, evecs, keep, rhs, floor, start)
+    def spy(normal, *args):  # type: ignore[no-untyped-def]
+        sizes.append(normal.shape[0])
+        return real(normal, *args)
 
     monkeypatch.setattr(solve, "_bounded", spy)
     # Execute
@@ -220,3 +220,35 @@ def test_bounded_solve_falls_back_to_lawson_hanson_with_the_same_answer(
     assert quick.bounded and slow.bounded
     torch.testing.assert_close(quick.x, x, rtol=1e-8, atol=1e-9)
     torch.testing.assert_close(slow.x, quick.x, rtol=1e-8, atol=1e-9)
+
+
+def test_lost_directions_by_iteration_match_the_eigen_decomposition() -> None:
+    # Prepare: 400 unknowns, 7 eigenvalues at noise level, the next ones well above.
+    rng = np.random.default_rng(8)
+    basis, _ = np.linalg.qr(rng.standard_normal((400, 400)))
+    spectrum = np.concatenate([rng.uniform(0, 1e-12, 7), rng.uniform(1e-6, 1.0, 393)])
+    normal = torch.from_numpy((basis * spectrum) @ basis.T)
+    cutoff = 1e-10
+    # Execute
+    found = solve._lost_by_iteration(normal, cutoff, 7 + 16)
+    # Assert: the same seven directions (as a subspace) and eigenvalues.
+    assert found is not None
+    vectors, values = found.vectors, found.values
+    truth = torch.from_numpy(basis[:, :7])
+    assert vectors.shape == (400, 7)
+    torch.testing.assert_close(vectors @ (vectors.T @ truth), truth, rtol=0, atol=1e-8)
+    torch.testing.assert_close(
+        values.sort().values, torch.from_numpy(np.sort(spectrum[:7])), rtol=0, atol=1e-13
+    )
+
+
+def test_lost_directions_fall_back_when_the_block_is_too_small() -> None:
+    # Prepare: 30 lost directions, a block sized for 4 of them.
+    rng = np.random.default_rng(9)
+    basis, _ = np.linalg.qr(rng.standard_normal((300, 300)))
+    spectrum = np.concatenate([np.full(30, 1e-14), rng.uniform(1e-4, 1.0, 270)])
+    normal = torch.from_numpy((basis * spectrum) @ basis.T)
+    # Execute / Assert: the iteration declines; the whole decomposition finds all 30.
+    assert solve._lost_by_iteration(normal, 1e-10, 4 + 16) is None
+    found = solve._lost_directions(normal, 1e-10, 4)
+    assert found is not None and found.vectors.shape == (300, 30)
