@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fl_attack.engine import (
@@ -270,3 +271,26 @@ def test_a_dense_solve_too_large_for_memory_is_refused_with_the_way_out(
             shape,
             F64,
         )
+
+
+@pytest.mark.parametrize(
+    ("layer", "shape"),
+    [
+        (nn.Conv2d(3, 12, 5, stride=2, padding=2), (3, 32, 32)),
+        (nn.Conv2d(4, 5, 3, padding="same", dilation=2), (4, 9, 7)),
+        (nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0)), (2, 8, 6)),
+    ],
+)
+def test_weight_matrix_is_the_convolution(layer: nn.Conv2d, shape: tuple[int, int, int]) -> None:
+    # Prepare: the convolution applied to every unit input is the oracle's dense K.
+    weight = layer.weight.detach().to(torch.float64)
+    units = torch.eye(shape[0] * shape[1] * shape[2], dtype=torch.float64).reshape(-1, *shape)
+    out = F.conv2d(units, weight, None, layer.stride, layer.padding, layer.dilation)
+    dense = out.reshape(units.shape[0], -1).T
+    # Execute
+    by_rows, row_sq, by_columns = conv2d._weight_matrix_of(layer, weight, shape)
+    # Assert: both layouts hold exactly K, and the row norms are K's.
+    assert by_rows.format == "csr" and by_columns.format == "csc"
+    torch.testing.assert_close(torch.from_numpy(by_rows.toarray()), dense, rtol=0, atol=0)
+    torch.testing.assert_close(torch.from_numpy(by_columns.toarray()), dense, rtol=0, atol=0)
+    torch.testing.assert_close(torch.from_numpy(row_sq), dense.square().sum(dim=1))

@@ -23,6 +23,7 @@ from fl_attack.engine.solve import (
     normal_matrix,
     solve_deflated,
     solve_spd,
+    transposed_product,
     well_posed_cholesky,
 )
 from fl_attack.engine.types import LayerDiagnostics, ReconstructionError, Signal, SolveOptions
@@ -230,7 +231,7 @@ class Conv2dInverter(Inverter):
             if refined is not None:
                 d_out, resolved, unresolved = refined, resolved + unresolved, 0
         g, b_grad, kept = _gradient_system(d_out, d_weight, layer, input_shape, options)
-        gtb = g.T @ b_grad  # (hw, c): G^T b of every channel, used by every path
+        gtb = transposed_product(g, b_grad)  # (hw, c): G^T b of every channel, for every path
         equations = int(g.shape[0]) * c
         bias = layer.bias.detach().to(torch.float64) if layer.bias is not None else None
         known = output.known.reshape(-1)
@@ -272,7 +273,7 @@ class Conv2dInverter(Inverter):
             if bias is not None:
                 target = target - bias[:, None]
             geometry = _geometry_key(layer, input_shape)
-            kfull, row_sq = for_weights(
+            kfull, row_sq, kcols = for_weights(
                 ("conv2d-weight-matrix", geometry),
                 [weight],
                 lambda: _weight_matrix_of(layer, weight, input_shape),
@@ -288,6 +289,7 @@ class Conv2dInverter(Inverter):
                 input_shape=(c, h, w),
                 geometry=geometry,
                 kfull=kfull,
+                kcols=kcols,
                 target=target.reshape(-1),
                 known=known,
                 g=g,
@@ -341,10 +343,7 @@ class Conv2dInverter(Inverter):
                     used += "+bound"
             equations += n_weight
 
-        with torch.enable_grad():
-            probe = torch.zeros(1, c, h, w, dtype=torch.float64, requires_grad=True)
-            out = F.conv2d(probe, weight, None, layer.stride, layer.padding, layer.dilation)
-            (d_in,) = torch.autograd.grad(out, probe, d_out.unsqueeze(0))
+        d_in = _input_gradient(layer, weight, d_out, (c, h, w))
         diag = LayerDiagnostics(
             name=name,
             kind="Conv2d",
@@ -361,6 +360,21 @@ class Conv2dInverter(Inverter):
         return signal, diag
 
 
+def _input_gradient(
+    layer: nn.Conv2d, weight: torch.Tensor, d_out: torch.Tensor, input_shape: Shape
+) -> torch.Tensor:
+    """``dL/dz = conv_transpose(dL/dO, W)``, shape (1, C, H, W)."""
+    if isinstance(layer.padding, str):  # 'same' may pad unevenly: let autograd place it
+        with torch.enable_grad():
+            probe = torch.zeros(1, *input_shape, dtype=torch.float64, requires_grad=True)
+            out = F.conv2d(probe, weight, None, layer.stride, layer.padding, layer.dilation)
+            (d_in,) = torch.autograd.grad(out, probe, d_out.unsqueeze(0))
+        return d_in
+    return torch.nn.grad.conv2d_input(
+        (1, *input_shape), weight, d_out.unsqueeze(0), layer.stride, layer.padding, layer.dilation
+    )
+
+
 def _geometry_key(layer: nn.Conv2d, input_shape: Shape) -> tuple[object, ...]:
     """Everything besides the weights that the weight matrix depends on."""
     return (
@@ -375,13 +389,63 @@ def _geometry_key(layer: nn.Conv2d, input_shape: Shape) -> tuple[object, ...]:
 
 def _weight_matrix_of(
     layer: nn.Conv2d, weight: torch.Tensor, input_shape: Shape
-) -> tuple[sparse.csr_matrix, np.ndarray]:
-    """``K`` (every output row) and its squared row norms: weights only."""
-    c, h, w = input_shape
-    fij, pq, u, v, (f_out, ho, wo) = conv_geometry(layer, input_shape)
-    kmat = _weight_matrix(weight, fij, pq, u, v, (c, h, w), f_out * ho * wo)
+) -> tuple[sparse.csr_matrix, np.ndarray, sparse.csc_matrix]:
+    """``K`` (every output row), its squared row norms, and ``K`` by columns: weights only."""
+    c = int(input_shape[0])
+    f_out, _, kh, kw = weight.shape
+    fij = conv_geometry(layer, input_shape)[0]
+    by_rows, by_columns = _weight_pattern(_geometry_key(layer, input_shape))
+    # Every tap's value, channel by channel: the pattern says where each one goes.
+    taps = weight.permute(1, 0, 2, 3).reshape(c, f_out * kh * kw)[:, fij].reshape(-1).numpy()
+    kmat = by_rows.filled(taps, sparse.csr_matrix)
     row_sq = np.asarray(kmat.multiply(kmat).sum(axis=1)).ravel()
-    return kmat, row_sq
+    return kmat, row_sq, by_columns.filled(taps, sparse.csc_matrix)
+
+
+@dataclass(frozen=True, slots=True)
+class _Pattern:
+    """A compressed sparse layout of ``K`` and where each tap's value goes in it."""
+
+    order: np.ndarray  # data = taps[order]
+    indices: np.ndarray
+    indptr: np.ndarray
+    shape: tuple[int, int]
+
+    def filled(self, taps: np.ndarray, kind: type[sparse.spmatrix]) -> sparse.spmatrix:
+        """The matrix with these tap values (the layout's arrays are copied, not shared)."""
+        return kind((taps[self.order], self.indices.copy(), self.indptr.copy()), shape=self.shape)
+
+
+@functools.lru_cache(maxsize=64)
+def _weight_pattern(geometry: tuple[object, ...]) -> tuple[_Pattern, _Pattern]:
+    """Row- and column-compressed layouts of ``K`` for one geometry (no weights).
+
+    Built once: converting each round's ``K`` from coordinates instead cost 20 ms.
+    """
+    input_shape, weight_shape, stride, dilation, padding, same = geometry
+    c, h, w = input_shape  # type: ignore[misc]
+    f_out, _, kh, kw = weight_shape  # type: ignore[misc]
+    _, pq, u, v, (_, ho, wo) = _taps(
+        f_out,
+        (kh, kw),
+        stride,
+        dilation,
+        padding,
+        same,
+        (h, w),  # type: ignore[arg-type]
+    )
+    cols = torch.arange(c).view(-1, 1) * (h * w) + (u * w + v).view(1, -1)
+    rows = pq.view(1, -1).expand(c, -1)
+    shape = (f_out * ho * wo, c * h * w)
+    # Each tap's position in the flat list, as data: conversion sorts it into place.
+    # (A conv puts at most one tap on each (output, input) pair: nothing is summed.)
+    position = np.arange(cols.numel(), dtype=np.float64)
+    coords = (rows.reshape(-1).numpy(), cols.reshape(-1).numpy())
+    layouts = []
+    for kind in (sparse.csr_matrix, sparse.csc_matrix):
+        mat = kind((position, coords), shape=shape)
+        layouts.append(_Pattern(mat.data.astype(np.int64), mat.indices, mat.indptr, shape))
+    return layouts[0], layouts[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,7 +455,8 @@ class _Client:
     ``target`` holds ``O - b`` for every output row (guesses where ``known`` is False);
     ``g``/``b_grad`` are the gradient rows (the same matrix for every input channel),
     ``gtb`` is ``g^T b_grad`` (hw, c) and ``blocks`` their split by pixel phase; weight rows
-    are scaled by ``1 / rms``.
+    are scaled by ``1 / rms``. ``kfull`` is ``K`` by rows, ``kcols`` the same by columns
+    (as the sparse LU takes it).
     """
 
     layer: nn.Conv2d
@@ -399,6 +464,7 @@ class _Client:
     input_shape: tuple[int, int, int]
     geometry: tuple[object, ...]
     kfull: sparse.csr_matrix
+    kcols: sparse.csc_matrix
     target: torch.Tensor
     known: torch.Tensor
     g: torch.Tensor
@@ -451,7 +517,7 @@ def _solve_factored(client: _Client) -> torch.Tensor | None:
     factor = for_weights(
         ("conv2d-square-factor", client.geometry, width),
         [client.weight],
-        lambda: factor_square(client.kfull, width),
+        lambda: factor_square(client.kcols, width),
     )
     if factor is None:
         return None
@@ -501,7 +567,7 @@ def _solve_gradient_first(client: _Client, gram: torch.Tensor) -> torch.Tensor |
     weak[:d] = True
     strong, basis = evecs[:, ~weak], evecs[:, weak]  # (hw, hw - d), (hw, d)
     gtb = client.gtb
-    z_g = strong @ ((strong.T @ gtb) / evals[~weak].unsqueeze(1))  # (hw, c)
+    z_g = strong @ (transposed_product(strong, gtb) / evals[~weak].unsqueeze(1))  # (hw, c)
 
     def conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, weight, None, layer.stride, layer.padding, layer.dilation)
@@ -519,7 +585,7 @@ def _solve_gradient_first(client: _Client, gram: torch.Tensor) -> torch.Tensor |
     chol = well_posed_cholesky(small, client.options.rank_rtol)
     if chol is None:
         return None
-    rhs = (basis.T @ gtb).T.reshape(-1) + k_basis.T @ r_weight
+    rhs = transposed_product(basis, gtb).T.reshape(-1) + k_basis.T @ r_weight
     gamma = torch.cholesky_solve(rhs.unsqueeze(1), chol).reshape(c, d)
     return (z_g + basis @ gamma.T).T.reshape(-1)  # (c*hw,)
 
@@ -663,27 +729,6 @@ def _solve_dense(client: _Client, gram: torch.Tensor, input_floor: float | None)
     return solve_spd(normal, rhs, rank_rtol=client.options.rank_rtol, floor=input_floor)
 
 
-def _weight_matrix(
-    weight: torch.Tensor,
-    fij: torch.Tensor,
-    pq: torch.Tensor,
-    u: torch.Tensor,
-    v: torch.Tensor,
-    input_shape: Shape,
-    n_out: int,
-) -> sparse.csr_matrix:
-    """Sparse matrix of ``z -> conv(z, W)`` (rows: outputs f,p,q; columns: inputs c,u,v)."""
-    c, h, w = input_shape
-    f_out, _, kh, kw = weight.shape
-    taps = weight.permute(1, 0, 2, 3).reshape(c, f_out * kh * kw)[:, fij]  # (c, taps)
-    cols = torch.arange(c).view(-1, 1) * (h * w) + (u * w + v).view(1, -1)
-    rows = pq.view(1, -1).expand(c, -1)
-    return sparse.csr_matrix(
-        (taps.reshape(-1).numpy(), (rows.reshape(-1).numpy(), cols.reshape(-1).numpy())),
-        shape=(n_out, c * h * w),
-    )
-
-
 def settle_by_bias(
     grad: torch.Tensor, alt: torch.Tensor, uncertain: torch.Tensor, d_bias: torch.Tensor
 ) -> tuple[torch.Tensor, int, int]:
@@ -733,16 +778,49 @@ def _gradient_system(
     dropped, and the family is scaled as a whole so that small rows keep small weight.
     """
     c, h, w = input_shape
-    fij, pq, u, v, (f_out, _, _) = conv_geometry(layer, input_shape)
+    entries, pq = _gradient_entries(layer, input_shape)
+    f_out = layer.out_channels
     kh, kw = _pair(layer.kernel_size)
     n_rows = f_out * kh * kw
-    g = torch.zeros(n_rows, h * w, dtype=torch.float64)
-    g[fij, u * w + v] = d_out.reshape(-1)[pq]
+    g = torch.zeros(n_rows * h * w, dtype=torch.float64)
+    g[entries] = d_out.reshape(-1)[pq]
+    g = g.view(n_rows, h * w)
     norms = g.norm(dim=1)
     rows = norms > float(norms.max()) * options.eps**0.5
     scale = 1.0 / float(norms[rows].square().mean().sqrt()) if bool(rows.any()) else 1.0
     b_grad = d_weight.reshape(f_out, c, kh * kw).permute(0, 2, 1).reshape(n_rows, c)
+    if bool(rows.all()):  # the usual case: no copy of G
+        return g.mul_(scale), b_grad * scale, torch.arange(n_rows)
     return g[rows] * scale, b_grad[rows] * scale, torch.nonzero(rows).flatten()
+
+
+def _gradient_entries(layer: nn.Conv2d, input_shape: Shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each tap lands in the flattened ``G`` (rows f,i,j by pixels), and its output."""
+    return _flat_taps(
+        layer.out_channels,
+        _pair(layer.kernel_size),
+        _pair(layer.stride),
+        _pair(layer.dilation),
+        _left_padding(layer),
+        isinstance(layer.padding, str) and layer.padding == "same",
+        (int(input_shape[1]), int(input_shape[2])),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _flat_taps(
+    f_out: int,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    padding: tuple[int, int],
+    same: bool,
+    size: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_taps` as flat indices into ``G``; cached, shared, not to be modified."""
+    fij, pq, u, v, _ = _taps(f_out, kernel, stride, dilation, padding, same, size)
+    h, w = size
+    return fij * (h * w) + u * w + v, pq
 
 
 def _refine_relu_mask(
