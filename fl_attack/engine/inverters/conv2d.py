@@ -57,6 +57,9 @@ _TALL_RCOND = 1e-8
 # Beyond it the layer is refused with the reason.
 _DENSE_MAX_BYTES = 8 * 2**30
 _DENSE_COPIES = 4
+# A dense solve builds the known weight rows' normal matrix directly up to this many flops
+# (rows x unknowns^2); beyond, from the weights' cached K^T K minus the unknown rows.
+_DIRECT_NORMAL_FLOPS = 2e8
 # Rows of unknown output the factorised solve takes on (each costs the client a sparse solve).
 _MAX_FREE_ROWS = 32
 
@@ -729,20 +732,26 @@ def _solve_dense(client: _Client, gram: torch.Tensor, input_floor: float | None)
     """The stacked least squares through the client's own dense normal matrix."""
     c, h, w = client.input_shape
     hw, kfull, rms = h * w, client.kfull, client.rms
-    kk_full = for_weights(
-        ("conv2d-weight-normal", client.geometry),
-        [client.weight],
-        lambda: (kfull.T @ kfull).toarray(),
-    )
-    # K^T K of the known rows: the full product minus the few unknown rows, scaled on the
-    # way (the division makes the client's own copy).
-    kk = kk_full / rms
-    kk /= rms
-    if client.free.numel():
-        dropped = kfull[client.free.numpy()] / rms
-        down = (dropped.T @ dropped).tocoo()  # summed: each (row, col) once
-        kk[down.row, down.col] -= down.data
-    normal = torch.from_numpy(kk)
+    known = client.known.numpy()
+    if int(known.sum()) * (c * hw) ** 2 <= _DIRECT_NORMAL_FLOPS:
+        # Few known rows (a ReLU above with many dead units): their own K^T K, by one
+        # symmetric product, costs less than the sparse correction below.
+        normal = normal_matrix(torch.from_numpy(kfull[known].toarray()) / rms)
+    else:
+        kk_full = for_weights(
+            ("conv2d-weight-normal", client.geometry),
+            [client.weight],
+            lambda: (kfull.T @ kfull).toarray(),
+        )
+        # K^T K of the known rows: the full product minus the few unknown rows, scaled on
+        # the way (the division makes the client's own copy).
+        kk = kk_full / rms
+        kk /= rms
+        if client.free.numel():
+            dropped = kfull[client.free.numpy()] / rms
+            down = (dropped.T @ dropped).tocoo()  # summed: each (row, col) once
+            kk[down.row, down.col] -= down.data
+        normal = torch.from_numpy(kk)
     for k in range(c):  # the gradient rows repeat per channel: add G^T G in place
         normal[k * hw : (k + 1) * hw, k * hw : (k + 1) * hw] += gram
     rhs = client.normal_rhs()
