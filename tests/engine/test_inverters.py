@@ -279,6 +279,7 @@ def test_a_dense_solve_too_large_for_memory_is_refused_with_the_way_out(
         (nn.Conv2d(3, 12, 5, stride=2, padding=2), (3, 32, 32)),
         (nn.Conv2d(4, 5, 3, padding="same", dilation=2), (4, 9, 7)),
         (nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0)), (2, 8, 6)),
+        (nn.Conv2d(1, 2, 3, padding=4), (1, 5, 5)),  # outputs that see only padding
     ],
 )
 def test_weight_matrix_is_the_convolution(layer: nn.Conv2d, shape: tuple[int, int, int]) -> None:

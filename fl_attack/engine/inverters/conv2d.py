@@ -401,7 +401,9 @@ def _weight_matrix_of(
     # Every tap's value, channel by channel: the pattern says where each one goes.
     taps = weight.permute(1, 0, 2, 3).reshape(c, f_out * kh * kw)[:, fij].reshape(-1).numpy()
     kmat = by_rows.filled(taps, sparse.csr_matrix)
-    row_sq = np.asarray(kmat.multiply(kmat).sum(axis=1)).ravel()
+    row_sq = np.zeros(kmat.shape[0])
+    filled = np.diff(kmat.indptr) > 0  # an output that sees only padding has an empty row
+    row_sq[filled] = np.add.reduceat(np.square(kmat.data), kmat.indptr[:-1][filled])
     return kmat, row_sq, by_columns.filled(taps, sparse.csc_matrix)
 
 
@@ -415,8 +417,8 @@ class _Pattern:
     shape: tuple[int, int]
 
     def filled(self, taps: np.ndarray, kind: type[sparse.spmatrix]) -> sparse.spmatrix:
-        """The matrix with these tap values (the layout's arrays are copied, not shared)."""
-        return kind((taps[self.order], self.indices.copy(), self.indptr.copy()), shape=self.shape)
+        """The matrix with these tap values; it shares the layout's read-only index arrays."""
+        return kind((taps[self.order], self.indices, self.indptr), shape=self.shape, copy=False)
 
 
 @functools.lru_cache(maxsize=64)
@@ -447,6 +449,9 @@ def _weight_pattern(geometry: tuple[object, ...]) -> tuple[_Pattern, _Pattern]:
     layouts = []
     for kind in (sparse.csr_matrix, sparse.csc_matrix):
         mat = kind((position, coords), shape=shape)
+        # Shared by every K of this geometry: read-only, so that nothing edits one in place.
+        mat.indices.flags.writeable = False
+        mat.indptr.flags.writeable = False
         layouts.append(_Pattern(mat.data.astype(np.int64), mat.indices, mat.indptr, shape))
     return layouts[0], layouts[1]
 
