@@ -397,7 +397,16 @@ def _weight_matrix_of(
     c = int(input_shape[0])
     f_out, _, kh, kw = weight.shape
     fij = conv_geometry(layer, input_shape)[0]
-    by_rows, by_columns = _weight_pattern(_geometry_key(layer, input_shape))
+    by_rows, by_columns = _weight_pattern(
+        c,
+        f_out,
+        (kh, kw),
+        _pair(layer.stride),
+        _pair(layer.dilation),
+        _left_padding(layer),
+        isinstance(layer.padding, str) and layer.padding == "same",
+        (int(input_shape[1]), int(input_shape[2])),
+    )
     # Every tap's value, channel by channel: the pattern says where each one goes.
     taps = weight.permute(1, 0, 2, 3).reshape(c, f_out * kh * kw)[:, fij].reshape(-1).numpy()
     kmat = by_rows.filled(taps, sparse.csr_matrix)
@@ -422,23 +431,22 @@ class _Pattern:
 
 
 @functools.lru_cache(maxsize=64)
-def _weight_pattern(geometry: tuple[object, ...]) -> tuple[_Pattern, _Pattern]:
+def _weight_pattern(
+    c: int,
+    f_out: int,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    padding: tuple[int, int],
+    same: bool,
+    size: tuple[int, int],
+) -> tuple[_Pattern, _Pattern]:
     """Row- and column-compressed layouts of ``K`` for one geometry (no weights).
 
     Built once: converting each round's ``K`` from coordinates instead cost 20 ms.
     """
-    input_shape, weight_shape, stride, dilation, padding, same = geometry
-    c, h, w = input_shape  # type: ignore[misc]
-    f_out, _, kh, kw = weight_shape  # type: ignore[misc]
-    _, pq, u, v, (_, ho, wo) = _taps(
-        f_out,
-        (kh, kw),
-        stride,
-        dilation,
-        padding,
-        same,
-        (h, w),  # type: ignore[arg-type]
-    )
+    h, w = size
+    _, pq, u, v, (_, ho, wo) = _taps(f_out, kernel, stride, dilation, padding, same, size)
     cols = torch.arange(c).view(-1, 1) * (h * w) + (u * w + v).view(1, -1)
     rows = pq.view(1, -1).expand(c, -1)
     shape = (f_out * ho * wo, c * h * w)
