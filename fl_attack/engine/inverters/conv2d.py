@@ -64,6 +64,12 @@ _DIRECT_NORMAL_FLOPS = 2e8
 _MAX_FREE_ROWS = 32
 
 
+# (filters, kernel, stride, dilation, left padding, 'same', (H, W)) of a conv layer's input.
+_Geometry = tuple[
+    int, tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int], bool, tuple[int, int]
+]
+
+
 def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
@@ -91,7 +97,12 @@ def conv_geometry(
         ``f*Ho*Wo + p*Wo + q``; ``u, v`` input coordinates; all for one input channel and
         broadcast over filters; ``out_shape`` is ``(F, Ho, Wo)``.
     """
-    return _taps(
+    return _taps(_geometry_args(layer, input_shape))
+
+
+def _geometry_args(layer: nn.Conv2d, input_shape: Shape) -> _Geometry:
+    """``(filters, kernel, stride, dilation, padding, same, (H, W))``: the cached helpers' key."""
+    return (
         layer.out_channels,
         _pair(layer.kernel_size),
         _pair(layer.stride),
@@ -104,18 +115,13 @@ def conv_geometry(
 
 @functools.lru_cache(maxsize=64)
 def _taps(
-    f_out: int,
-    kernel: tuple[int, int],
-    stride: tuple[int, int],
-    dilation: tuple[int, int],
-    padding: tuple[int, int],
-    same: bool,
-    size: tuple[int, int],
+    geometry: _Geometry,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Shape]:
     """The tap indices of one geometry; cached because every client of a round reuses them.
 
     The returned tensors are shared between calls and must not be modified.
     """
+    f_out, kernel, stride, dilation, padding, same, size = geometry
     (kh, kw), (sh, sw), (dh, dw), (ph, pw), (h, w) = kernel, stride, dilation, padding, size
     if same:
         ho, wo = h, w
@@ -397,16 +403,7 @@ def _weight_matrix_of(
     c = int(input_shape[0])
     f_out, _, kh, kw = weight.shape
     fij = conv_geometry(layer, input_shape)[0]
-    by_rows, by_columns = _weight_pattern(
-        c,
-        f_out,
-        (kh, kw),
-        _pair(layer.stride),
-        _pair(layer.dilation),
-        _left_padding(layer),
-        isinstance(layer.padding, str) and layer.padding == "same",
-        (int(input_shape[1]), int(input_shape[2])),
-    )
+    by_rows, by_columns = _weight_pattern(c, _geometry_args(layer, input_shape))
     # Every tap's value, channel by channel: the pattern says where each one goes.
     taps = weight.permute(1, 0, 2, 3).reshape(c, f_out * kh * kw)[:, fij].reshape(-1).numpy()
     kmat = by_rows.filled(taps, sparse.csr_matrix)
@@ -431,22 +428,13 @@ class _Pattern:
 
 
 @functools.lru_cache(maxsize=64)
-def _weight_pattern(
-    c: int,
-    f_out: int,
-    kernel: tuple[int, int],
-    stride: tuple[int, int],
-    dilation: tuple[int, int],
-    padding: tuple[int, int],
-    same: bool,
-    size: tuple[int, int],
-) -> tuple[_Pattern, _Pattern]:
-    """Row- and column-compressed layouts of ``K`` for one geometry (no weights).
+def _weight_pattern(c: int, geometry: _Geometry) -> tuple[_Pattern, _Pattern]:
+    """Row- and column-compressed layouts of ``K`` for ``c`` input channels (no weights).
 
     Built once: converting each round's ``K`` from coordinates instead cost 20 ms.
     """
-    h, w = size
-    _, pq, u, v, (_, ho, wo) = _taps(f_out, kernel, stride, dilation, padding, same, size)
+    h, w = geometry[-1]
+    _, pq, u, v, (f_out, ho, wo) = _taps(geometry)
     cols = torch.arange(c).view(-1, 1) * (h * w) + (u * w + v).view(1, -1)
     rows = pq.view(1, -1).expand(c, -1)
     shape = (f_out * ho * wo, c * h * w)
@@ -838,30 +826,14 @@ def _gradient_system(
 
 def _gradient_entries(layer: nn.Conv2d, input_shape: Shape) -> tuple[torch.Tensor, torch.Tensor]:
     """Where each tap lands in the flattened ``G`` (rows f,i,j by pixels), and its output."""
-    return _flat_taps(
-        layer.out_channels,
-        _pair(layer.kernel_size),
-        _pair(layer.stride),
-        _pair(layer.dilation),
-        _left_padding(layer),
-        isinstance(layer.padding, str) and layer.padding == "same",
-        (int(input_shape[1]), int(input_shape[2])),
-    )
+    return _flat_taps(_geometry_args(layer, input_shape))
 
 
 @functools.lru_cache(maxsize=64)
-def _flat_taps(
-    f_out: int,
-    kernel: tuple[int, int],
-    stride: tuple[int, int],
-    dilation: tuple[int, int],
-    padding: tuple[int, int],
-    same: bool,
-    size: tuple[int, int],
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _flat_taps(geometry: _Geometry) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_taps` as flat indices into ``G``; cached, shared, not to be modified."""
-    fij, pq, u, v, _ = _taps(f_out, kernel, stride, dilation, padding, same, size)
-    h, w = size
+    fij, pq, u, v, _ = _taps(geometry)
+    h, w = geometry[-1]
     return fij * (h * w) + u * w + v, pq
 
 
