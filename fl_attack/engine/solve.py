@@ -310,11 +310,16 @@ def _lost_directions(normal: torch.Tensor, cutoff: float, expected: int) -> _Spe
     width = expected + _LOST_OVERSAMPLING
     found = _lost_by_iteration(normal, cutoff, width) if 4 * width <= n else None
     if found is None:
-        evals, evecs = torch.linalg.eigh(normal)
-        lost = evals <= cutoff
-        found = _Spectrum(evecs[:, lost], evals[lost], (evals, evecs))
+        found = _eigen_spectrum(normal, cutoff)
     k = found.values.numel()
     return None if k in (0, n) else found
+
+
+def _eigen_spectrum(normal: torch.Tensor, cutoff: float) -> _Spectrum:
+    """:func:`_lost_directions` by the whole eigen-decomposition, which it keeps."""
+    evals, evecs = torch.linalg.eigh(normal)
+    lost = evals <= cutoff
+    return _Spectrum(evecs[:, lost], evals[lost], (evals, evecs))
 
 
 def _lost_by_iteration(normal: torch.Tensor, cutoff: float, width: int) -> _Spectrum | None:
@@ -377,18 +382,16 @@ def _bounded(
     kept_normal = 0.5 * (kept_normal + kept_normal.T)
     shift = kept_normal.sum(dim=1) * floor  # x = floor + z, z >= 0
     start = start.reshape(n, -1)
+    whole = spectrum if spectrum.whole is not None else None  # made once, if ever needed
     out = torch.empty_like(columns)
     for k in range(columns.shape[1]):
         projected = columns[:, k] - lost @ (lost.T @ columns[:, k]) - shift
-        z_k = _block_pivoting(kept_normal, projected, start[:, k])
-        pinned_by = lost
-        if z_k is None:
-            evals, evecs = spectrum.whole or torch.linalg.eigh(normal)
-            keep = evals > cutoff
-            pinned_by = evecs[:, ~keep]
-            z = _lawson_hanson(evals, evecs[:, keep], keep, projected)
+        pivoted = _block_pivoting(kept_normal, projected, start[:, k])
+        if pivoted is not None:
+            z, pinned_by = pivoted.numpy(), lost
         else:
-            z = z_k.numpy()
+            whole = whole or _eigen_spectrum(normal, cutoff)
+            z, pinned_by = _lawson_hanson(whole, projected), whole.vectors
         if z is None:
             return None
         # A value within rounding of the bound sits on it (Lawson-Hanson may leave ~1e-15
@@ -451,11 +454,17 @@ def _block_pivoting(
     return None
 
 
-def _lawson_hanson(
-    evals: torch.Tensor, kept: torch.Tensor, keep: torch.Tensor, projected: torch.Tensor
-) -> np.ndarray | None:
-    """The same bounded problem by Lawson-Hanson on ``diag(sqrt(lambda)) V^T``; None if stuck."""
+def _lawson_hanson(whole: _Spectrum, projected: torch.Tensor) -> np.ndarray | None:
+    """The same bounded problem by Lawson-Hanson on ``diag(sqrt(lambda)) V^T``; None if stuck.
+
+    ``whole`` carries the eigen-decomposition; its eigenpairs not counted lost are kept.
+    """
+    assert whole.whole is not None
+    evals, evecs = whole.whole
+    keep = torch.ones_like(evals, dtype=torch.bool)
+    keep[: whole.values.numel()] = False  # ascending: the lost ones come first
     root = evals[keep].sqrt()
+    kept = evecs[:, keep]
     a_red = (root.unsqueeze(1) * kept.T).numpy()
     b_red = ((kept.T @ projected) / root).numpy()
     try:

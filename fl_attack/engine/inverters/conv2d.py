@@ -384,26 +384,19 @@ def _input_gradient(
     )
 
 
-def _geometry_key(layer: nn.Conv2d, input_shape: Shape) -> tuple[object, ...]:
+def _geometry_key(layer: nn.Conv2d, input_shape: Shape) -> tuple[int, _Geometry]:
     """Everything besides the weights that the weight matrix depends on."""
-    return (
-        tuple(int(x) for x in input_shape),
-        tuple(layer.weight.shape),
-        _pair(layer.stride),
-        _pair(layer.dilation),
-        _left_padding(layer),
-        isinstance(layer.padding, str) and layer.padding == "same",
-    )
+    return int(input_shape[0]), _geometry_args(layer, input_shape)
 
 
 def _weight_matrix_of(
     layer: nn.Conv2d, weight: torch.Tensor, input_shape: Shape
 ) -> tuple[sparse.csr_matrix, np.ndarray, sparse.csc_matrix]:
     """``K`` (every output row), its squared row norms, and ``K`` by columns: weights only."""
-    c = int(input_shape[0])
+    c, geometry = _geometry_key(layer, input_shape)
     f_out, _, kh, kw = weight.shape
-    fij = conv_geometry(layer, input_shape)[0]
-    by_rows, by_columns = _weight_pattern(c, _geometry_args(layer, input_shape))
+    fij = _taps(geometry)[0]
+    by_rows, by_columns = _weight_pattern(c, geometry)
     # Every tap's value, channel by channel: the pattern says where each one goes.
     taps = weight.permute(1, 0, 2, 3).reshape(c, f_out * kh * kw)[:, fij].reshape(-1).numpy()
     kmat = by_rows.filled(taps, sparse.csr_matrix)
@@ -466,7 +459,7 @@ class _Client:
     layer: nn.Conv2d
     weight: torch.Tensor
     input_shape: tuple[int, int, int]
-    geometry: tuple[object, ...]
+    geometry: tuple[int, _Geometry]
     kfull: sparse.csr_matrix
     kcols: sparse.csc_matrix
     target: torch.Tensor
@@ -678,29 +671,23 @@ def _row_blocks(
     ``u = s*p + i*d - pad``, one of ``s*s`` interleaved grids: block by block, the rows
     cost ``1/s^2`` of a dense product.
     """
-    (kh, kw), (sh, sw) = _pair(layer.kernel_size), _pair(layer.stride)
-    (dh, dw), (ph, pw) = _pair(layer.dilation), _left_padding(layer)
-    _, h, w = input_shape
-    geometry = (kh, kw, sh, sw, dh, dw, ph, pw, h, w)
-    if kept.numel() == layer.out_channels * kh * kw:  # every row kept: the usual case
-        return _all_row_blocks(layer.out_channels, geometry)
+    geometry = _geometry_args(layer, input_shape)
+    f_out, (kh, kw) = geometry[:2]
+    if kept.numel() == f_out * kh * kw:  # every row kept: the usual case
+        return _all_row_blocks(geometry)
     return _blocks(kept, geometry)
 
 
 @functools.lru_cache(maxsize=64)
-def _all_row_blocks(
-    f_out: int, geometry: tuple[int, ...]
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _all_row_blocks(geometry: _Geometry) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """:func:`_row_blocks` with every row kept; cached, shared, not to be modified."""
-    kh, kw = geometry[:2]
+    f_out, (kh, kw) = geometry[:2]
     return _blocks(torch.arange(f_out * kh * kw), geometry)
 
 
-def _blocks(
-    kept: torch.Tensor, geometry: tuple[int, ...]
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The (rows, columns) blocks of :func:`_row_blocks` for a flat geometry tuple."""
-    kh, kw, sh, sw, dh, dw, ph, pw, h, w = geometry
+def _blocks(kept: torch.Tensor, geometry: _Geometry) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (rows, columns) blocks of :func:`_row_blocks` for one geometry."""
+    _, (kh, kw), (sh, sw), (dh, dw), (ph, pw), _, (h, w) = geometry
     i = (kept // kw) % kh
     j = kept % kw
     phase = ((i * dh - ph) % sh) * sw + (j * dw - pw) % sw
