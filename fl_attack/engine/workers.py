@@ -65,11 +65,11 @@ def _child(job: Callable[[int], object], tickets: int, out: int) -> None:
     """
     code = 0
     try:
-        # One thread per worker, in torch and in the BLAS/OpenMP pools numpy and scipy use:
-        # the workers already fill the cores, and a forked OpenBLAS pool left at two
-        # threads spins against the other worker (measured: 0.25 s of work took 7 s).
+        # One thread per worker: the workers already fill the cores. The BLAS pools are
+        # already at one thread (set before the fork, see map_in_workers); touching them
+        # here would restart OpenBLAS's pool, whose threads spin ~0.1 s for work.
         torch.set_num_threads(1)
-        threadpool_limits(1)
+        threadpool_limits(1, user_api="openmp")
         try:
             done: list[tuple[int, object]] = []
             while (index := _next_index(tickets)) is not None:
@@ -116,7 +116,12 @@ def map_in_workers(job: Callable[[int], T], count: int, workers: int) -> list[T]
     workers = min(workers, count)
     if workers < 2 or not hasattr(os, "fork") or sys.platform == "darwin":
         return None  # macOS: forking a process that has used Apple's frameworks can crash
-    with _ONE_JOB_AT_A_TIME:
+    # The children inherit BLAS pools of one thread, set here before the fork and restored
+    # once they are done. Limiting them in a child instead restarts OpenBLAS's pool there
+    # (it shuts down at each fork), and its new threads spin for work for ~0.1 s against
+    # the other worker: a worker's first update took 60-120 ms instead of ~25 ms. Left at
+    # two threads, the pools spin all along (measured: 0.25 s of work took 7 s).
+    with _ONE_JOB_AT_A_TIME, threadpool_limits(1, user_api="blas"):
         outcomes = _fork_and_collect(job, count, workers)
     if outcomes is None:
         warnings.warn(

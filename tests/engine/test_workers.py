@@ -6,7 +6,9 @@ import os
 import pickle
 import time
 
+import numpy as np
 import pytest
+import scipy.linalg
 import torch
 from threadpoolctl import threadpool_info
 
@@ -66,6 +68,28 @@ def test_work_really_runs_in_other_processes_with_one_thread_each() -> None:
     assert len(pids) == 2
     assert all(threads == 1 for _, threads, _ in seen)
     assert all(set(pools) <= {1} for _, _, pools in seen)
+
+
+def _blas_threads(index: int) -> int:
+    """Threads of this worker after a BLAS product large enough to go parallel."""
+    del index
+    a = np.random.default_rng(0).standard_normal((400, 400))
+    _ = a @ a  # numpy's OpenBLAS
+    _ = scipy.linalg.blas.dgemm(1.0, a, a)  # scipy's own OpenBLAS
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+def test_workers_start_no_blas_threads_and_this_process_keeps_its_pools() -> None:
+    # Prepare: this process's pools as they are (possibly several threads).
+    before = [pool["num_threads"] for pool in threadpool_info()]
+    # Execute
+    threads = map_in_workers(_blas_threads, 4, 2)
+    # Assert: each worker runs its BLAS on its own thread (a restarted OpenBLAS pool would
+    # add threads that spin against the other worker), and the pools here are restored.
+    assert threads is not None
+    assert threads == [1, 1, 1, 1]
+    assert [pool["num_threads"] for pool in threadpool_info()] == before
 
 
 def test_one_worker_or_one_item_runs_in_this_process() -> None:
