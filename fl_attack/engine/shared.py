@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from scipy import sparse
 
-__all__ = ["clear_weight_cache", "for_weights"]
+__all__ = ["clear_weight_cache", "for_weights", "weights_digest"]
 
 T = TypeVar("T")
 
@@ -50,7 +50,8 @@ def _nbytes(value: object) -> int:
     return 0
 
 
-def _digest(tensors: Sequence[torch.Tensor]) -> str:
+def weights_digest(tensors: Sequence[torch.Tensor]) -> str:
+    """A digest of the tensors' dtypes, shapes and exact bytes (the cache's identity)."""
     h = hashlib.blake2b(digest_size=16)
     for t in tensors:
         flat = t.detach().to("cpu").contiguous()
@@ -75,7 +76,7 @@ def for_weights(key: Hashable, weights: Sequence[torch.Tensor], compute: Callabl
     -------
     The cached value, shared between callers: it must not be modified.
     """
-    full = (key, _digest(weights))
+    full = (key, weights_digest(weights))
     with _LOCK:
         if full in _CACHE:
             _CACHE.move_to_end(full)

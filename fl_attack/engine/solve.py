@@ -19,6 +19,7 @@ from scipy.linalg import blas, lapack
 from scipy.sparse.linalg import SuperLU, splu
 
 __all__ = [
+    "ColumnMap",
     "SpdSolution",
     "SquareFactor",
     "factor_square",
@@ -512,12 +513,38 @@ class SquareFactor:
     k_gram: torch.Tensor
 
 
-def factor_square(kmat: sparse.spmatrix, width: int, *, seed: int = 0) -> SquareFactor | None:
+# ``(compute, rows, columns) -> matrix``: assembles a matrix from its column blocks
+# (fl_attack.engine.workers.shared_columns shares them among a round's workers).
+ColumnMap = Callable[[Callable[[slice], np.ndarray], int, int], np.ndarray]
+
+
+def _all_columns(compute: Callable[[slice], np.ndarray], rows: int, columns: int) -> np.ndarray:
+    """A :data:`ColumnMap` that computes every column here, in one call."""
+    del rows
+    return compute(slice(0, columns))
+
+
+def factor_square(
+    kmat: sparse.spmatrix, width: int, *, seed: int = 0, columns: ColumnMap = _all_columns
+) -> SquareFactor | None:
     """Sparse LU of a square ``K`` and a ``width``-column basis of its weakest directions.
 
     The basis is a randomised range finder of ``K^-1`` with one power step
     (``(K^T K)^-1 K^-1 Omega``): ``K^-1`` stretches direction ``i`` by ``1/sigma_i``, so the
     range is dominated by the directions that noise in ``K z = o`` blows up.
+
+    Parameters
+    ----------
+    kmat : scipy.sparse matrix
+        ``K``, square.
+    width : int
+        Columns of the basis.
+    seed : int, optional
+        Seed of the random test matrix ``Omega``.
+    columns : callable, optional
+        Assembles the range finder's columns (three sparse solves each, most of the
+        cost) from blocks, e.g. shared among processes that all need this factorisation;
+        by default all at once, here.
 
     Returns
     -------
@@ -536,8 +563,11 @@ def factor_square(kmat: sparse.spmatrix, width: int, *, seed: int = 0) -> Square
         return None
     width = max(1, min(width, n))
     omega = np.random.default_rng(seed).standard_normal((n, width))
-    y = lu.solve(omega)
-    y = lu.solve(lu.solve(y, trans="T"))
+
+    def power_step(block: slice) -> np.ndarray:
+        return lu.solve(lu.solve(lu.solve(omega[:, block]), trans="T"))
+
+    y = columns(power_step, n, width)
     if not np.isfinite(y).all():
         return None
     q, _ = np.linalg.qr(y)

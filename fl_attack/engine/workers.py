@@ -14,23 +14,28 @@ interpreter shutdown, no atexit hooks, no waiting for threads that the fork did 
 
 from __future__ import annotations
 
+import hashlib
+import mmap
+import multiprocessing
 import os
 import pickle
 import signal
 import struct
 import sys
 import threading
+import time
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import TypeVar
 
+import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
 from fl_attack.engine.types import EngineError
 
-__all__ = ["attack_each", "available_cores", "map_in_workers"]
+__all__ = ["attack_each", "available_cores", "map_in_workers", "shared_columns"]
 
 T = TypeVar("T")
 C = TypeVar("C")
@@ -41,6 +46,13 @@ R = TypeVar("R")
 _ONE_JOB_AT_A_TIME = threading.Lock()
 # An index as it travels through the ticket pipe.
 _TICKET = struct.Struct("<q")
+# Shared column blocks (shared_columns): columns per block, the board's address space
+# (pages are only backed once written), its directory size, and how long a worker waits
+# for the board's lock before it computes on its own.
+_BLOCK_COLUMNS = 8
+_BOARD_BYTES = 256 * 2**20
+_BOARD_TABLES = 64
+_LOCK_SECONDS = 5.0
 
 
 def available_cores() -> int:
@@ -51,18 +63,190 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+class _Board:
+    """Shared memory in which a round's workers leave column blocks for each other.
+
+    Made before the fork (an anonymous shared mapping and a lock), so every worker of one
+    :func:`map_in_workers` call sees the same one. A directory of tables, each keyed by a
+    digest of the caller's key, holds one state per block (free, taken by a pid, done) and
+    the matrix itself, stored column by column.
+    """
+
+    # Directory: bytes used, tables used; then one record per table.
+    _HEAD = struct.Struct("<qq")
+    # Record: key digest, rows, columns, blocks, offset of its states (then its data).
+    _RECORD = struct.Struct("<16sqqqq")
+    DONE = -1
+
+    def __init__(self, size: int = _BOARD_BYTES, tables: int = _BOARD_TABLES) -> None:
+        self.memory = mmap.mmap(-1, size)
+        self.tables = tables
+        self.start = self._HEAD.size + tables * self._RECORD.size
+        self._HEAD.pack_into(self.memory, 0, self.start, 0)
+        self.lock = multiprocessing.get_context("fork").Lock()
+
+    def close(self) -> None:
+        self.memory.close()
+
+    def table(self, digest: bytes, rows: int, columns: int, blocks: int) -> int | None:
+        """Offset of the table for ``digest`` (made if new); None if the board is full."""
+        used, count = self._HEAD.unpack_from(self.memory, 0)
+        for i in range(count):
+            key, r, c, b, offset = self._RECORD.unpack_from(self.memory, self._record(i))
+            if key == digest:
+                return offset if (r, c, b) == (rows, columns, blocks) else None
+        need = 8 * (blocks + rows * columns)
+        if count == self.tables or used + need > len(self.memory):
+            return None
+        record = (digest, rows, columns, blocks, used)
+        self._RECORD.pack_into(self.memory, self._record(count), *record)
+        self._HEAD.pack_into(self.memory, 0, used + need, count + 1)
+        return used
+
+    def states(self, offset: int, blocks: int) -> np.ndarray:
+        return np.frombuffer(self.memory, np.int64, blocks, offset)
+
+    def data(self, offset: int, blocks: int, rows: int, columns: int) -> np.ndarray:
+        """The table's matrix, transposed: (columns, rows), one column per row."""
+        return np.frombuffer(self.memory, np.float64, rows * columns, offset + 8 * blocks).reshape(
+            columns, rows
+        )
+
+    def _record(self, index: int) -> int:
+        return self._HEAD.size + index * self._RECORD.size
+
+
+# The board of the map_in_workers call this process works for (set in the children only).
+_BOARD: _Board | None = None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def shared_columns(
+    key: Hashable, compute: Callable[[slice], np.ndarray], rows: int, columns: int
+) -> np.ndarray:
+    """The (rows, columns) matrix whose column block ``b`` is ``compute(b)``.
+
+    Run by the workers of one round (:func:`map_in_workers`), each block is computed once,
+    by the first worker that asks for it, and read by the others: two workers that each
+    need a weights' factorisation build it in about half the time. Anywhere else, and
+    whenever sharing is not possible, every block is computed here. A worker never waits
+    for another that does not work on the same key; it waits only for blocks another live
+    worker is computing, and computes a dead worker's blocks itself.
+
+    Parameters
+    ----------
+    key : hashable
+        Names the matrix: equal keys (by ``repr``) in two workers must mean equal
+        matrices.
+    compute : callable
+        ``slice of columns -> (rows, width) float64 array``; a pure function of the
+        columns, so the answer does not depend on which worker computed a block.
+    rows, columns : int
+        The matrix's shape.
+
+    Returns
+    -------
+    numpy.ndarray
+        (rows, columns) float64, this process's own copy.
+    """
+    blocks = [
+        slice(start, min(start + _BLOCK_COLUMNS, columns))
+        for start in range(0, columns, _BLOCK_COLUMNS)
+    ]
+    board = _BOARD
+    if board is not None and rows * columns:
+        digest = hashlib.blake2b(repr(key).encode(), digest_size=16).digest()
+        shared = _shared_blocks(board, digest, compute, blocks, rows, columns)
+        if shared is not None:
+            return shared
+    out = np.empty((rows, columns))
+    for block in blocks:
+        out[:, block] = compute(block)
+    return out
+
+
+def _shared_blocks(
+    board: _Board,
+    digest: bytes,
+    compute: Callable[[slice], np.ndarray],
+    blocks: list[slice],
+    rows: int,
+    columns: int,
+) -> np.ndarray | None:
+    """:func:`shared_columns` through ``board``; None if the board cannot take the table."""
+    if not board.lock.acquire(timeout=_LOCK_SECONDS):
+        return None  # a worker died holding it: share nothing more
+    try:
+        offset = board.table(digest, rows, columns, len(blocks))
+    finally:
+        board.lock.release()
+    if offset is None:
+        return None
+    states = board.states(offset, len(blocks))
+    data = board.data(offset, len(blocks), rows, columns)
+    me = os.getpid()
+
+    def take(index: int, owner: int) -> bool:
+        """Mark block ``index`` as this worker's if it is still held by ``owner``."""
+        if not board.lock.acquire(timeout=_LOCK_SECONDS):
+            return False
+        try:
+            if int(states[index]) != owner:
+                return False
+            states[index] = me
+            return True
+        finally:
+            board.lock.release()
+
+    def run(index: int) -> None:
+        try:
+            data[blocks[index]] = compute(blocks[index]).T
+        except BaseException:
+            states[index] = 0  # free again: another worker must not wait for it
+            raise
+        # The lock's release publishes the data before the state; a lock held by a dead
+        # worker cannot stop the state from being set.
+        locked = board.lock.acquire(timeout=_LOCK_SECONDS)
+        states[index] = board.DONE
+        if locked:
+            board.lock.release()
+
+    for index in range(len(blocks)):  # every block nobody has taken yet
+        if int(states[index]) == 0 and take(index, 0):
+            run(index)
+    for index in range(len(blocks)):  # then wait for the others' blocks
+        while (owner := int(states[index])) != board.DONE:
+            if owner == 0 or not _alive(owner):
+                if take(index, owner):
+                    run(index)
+            else:
+                time.sleep(1e-4)
+    return np.ascontiguousarray(data.T)
+
+
 def _next_index(tickets: int) -> int | None:
     """Take the next index from the shared ticket pipe; None once it is empty and closed."""
     data = os.read(tickets, _TICKET.size)
     return _TICKET.unpack(data)[0] if data else None
 
 
-def _child(job: Callable[[int], object], tickets: int, out: int) -> None:
+def _child(job: Callable[[int], object], tickets: int, out: int, board: _Board) -> None:
     """Run ``job`` on indices taken from ``tickets``, write the pickled outcome to ``out``.
 
     Never returns. The outcome is ``("ok", [(index, result), ...], "")`` or
     ``("raised", exception, traceback)``.
     """
+    global _BOARD
+    _BOARD = board
     code = 0
     try:
         # One thread per worker: the workers already fill the cores. The BLAS pools are
@@ -152,6 +336,10 @@ def _fork_and_collect(
     """
     children: list[tuple[int, int]] = []  # (pid, read end of its pipe)
     outcomes: list[tuple[str, object, str] | None] = []
+    try:
+        board = _Board()
+    except OSError:  # no shared memory for the board
+        return None
     tickets, issue = os.pipe()
     try:
         for _ in range(workers):
@@ -160,7 +348,7 @@ def _fork_and_collect(
             if pid == 0:  # the child
                 os.close(read)
                 os.close(issue)  # else the ticket pipe never reports its end
-                _child(job, tickets, write)
+                _child(job, tickets, write, board)
             os.close(write)  # else a later child holds it open and the read never ends
             children.append((pid, read))
         os.close(tickets)
@@ -193,6 +381,7 @@ def _fork_and_collect(
             os.kill(pid, signal.SIGKILL)
         for pid, _ in children:
             os.waitpid(pid, 0)
+        board.close()
     if any(outcome is None for outcome in outcomes):
         return None
     complete = [outcome for outcome in outcomes if outcome is not None]

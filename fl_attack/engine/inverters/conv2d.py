@@ -16,9 +16,10 @@ from scipy.linalg import lapack
 from torch import nn
 
 from fl_attack.engine.registry import Inverter, Shape, register_inverter
-from fl_attack.engine.shared import for_weights
+from fl_attack.engine.shared import for_weights, weights_digest
 from fl_attack.engine.solve import (
     SpdSolution,
+    SquareFactor,
     factor_square,
     normal_matrix,
     solve_deflated,
@@ -27,6 +28,7 @@ from fl_attack.engine.solve import (
     well_posed_cholesky,
 )
 from fl_attack.engine.types import LayerDiagnostics, ReconstructionError, Signal, SolveOptions
+from fl_attack.engine.workers import shared_columns
 
 __all__ = ["Conv2dInverter", "conv_geometry", "settle_by_bias"]
 
@@ -511,11 +513,15 @@ def _solve_factored(client: _Client) -> torch.Tensor | None:
     hw, g = h * w, client.g
     n = c * hw
     width = min(max(n // _DEFLATION_RATIO, _DEFLATION_MIN), _DEFLATION_MAX, n)
-    factor = for_weights(
-        ("conv2d-square-factor", client.geometry, width),
-        [client.weight],
-        lambda: factor_square(client.kcols, width),
-    )
+    key = ("conv2d-square-factor", client.geometry, width)
+
+    def factorise() -> SquareFactor | None:
+        # A round's workers all need it: they share its column solves (the named key and
+        # the weights' bytes say it is the same matrix in every worker).
+        shared = (key, weights_digest([client.weight]))
+        return factor_square(client.kcols, width, columns=functools.partial(shared_columns, shared))
+
+    factor = for_weights(key, [client.weight], factorise)
     if factor is None:
         return None
     blocks = [(r, cols, g[r][:, cols]) for r, cols in client.blocks]
