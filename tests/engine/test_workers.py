@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -20,7 +21,13 @@ from fl_attack.engine import (
     single_sample_gradients,
 )
 from fl_attack.engine.shared import clear_weight_cache
-from fl_attack.engine.workers import attack_each, map_in_workers
+from fl_attack.engine.workers import (
+    _Board,
+    _shared_blocks,
+    attack_each,
+    map_in_workers,
+    shared_columns,
+)
 from fl_attack.models import build_model
 
 
@@ -179,3 +186,93 @@ def test_an_error_in_every_worker_propagates_while_tickets_remain() -> None:
 
     with pytest.raises(RuntimeError, match="bug at"):
         map_in_workers(job, 20000, 2)
+
+
+def _block_values(rows: int) -> Callable[[slice], np.ndarray]:
+    """A column block whose entries say which columns they are: ``value = 1000 row + col``."""
+
+    def compute(block: slice) -> np.ndarray:
+        cols = np.arange(block.start, block.stop)
+        return 1000.0 * np.arange(rows)[:, None] + cols[None, :]
+
+    return compute
+
+
+def test_shared_columns_outside_workers_are_computed_here() -> None:
+    # Execute
+    out = shared_columns("here", _block_values(5), 5, 21)
+    # Assert: the whole matrix, blocks of 8 columns put side by side.
+    expected = _block_values(5)(slice(0, 21))
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_two_workers_share_the_blocks_of_one_key() -> None:
+    # Prepare: each worker needs the same 40-column matrix and logs the blocks it computes.
+    def job(index: int) -> tuple[int, list[int], np.ndarray]:
+        mine: list[int] = []
+
+        def compute(block: slice) -> np.ndarray:
+            mine.append(block.start)
+            time.sleep(0.02)  # long enough that the other worker asks meanwhile
+            return _block_values(6)(block)
+
+        out = shared_columns(("weights", 7), compute, 6, 40)
+        return os.getpid(), mine, out
+
+    # Execute
+    seen = map_in_workers(job, 2, 2)
+    # Assert: both got the whole matrix; each of the 5 blocks was computed exactly once,
+    # and both workers computed some.
+    assert seen is not None
+    for _, _, out in seen:
+        np.testing.assert_array_equal(out, _block_values(6)(slice(0, 40)))
+    starts = sorted(start for _, mine, _ in seen for start in mine)
+    assert starts == [0, 8, 16, 24, 32]
+    assert all(mine for _, mine, _ in seen)
+
+
+def test_a_worker_does_not_wait_for_one_that_never_asks() -> None:
+    # Prepare: only client 0 needs the matrix; the other worker sleeps through it.
+    def job(index: int) -> int:
+        if index == 0:
+            out = shared_columns("alone", _block_values(3), 3, 24)
+            return int(out.sum())
+        time.sleep(0.5)
+        return -1
+
+    # Execute
+    start = time.perf_counter()
+    seen = map_in_workers(job, 2, 2)
+    # Assert: the answer is whole, and nobody waited on the sleeper beyond its own sleep.
+    assert seen is not None
+    assert seen[0] == int(_block_values(3)(slice(0, 24)).sum())
+    assert time.perf_counter() - start < 5.0
+
+
+def test_a_block_left_by_a_dead_worker_is_computed_again() -> None:
+    # Prepare: a board whose first block is held by a process that no longer exists.
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    board = _Board(size=2**20)
+    offset = board.table(b"k" * 16, 4, 16, 2)
+    assert offset is not None
+    board.states(offset, 2)[0] = pid
+    # Execute: as a worker of that board would
+    try:
+        out = _shared_blocks(board, b"k" * 16, _block_values(4), [slice(0, 8), slice(8, 16)], 4, 16)
+    finally:
+        board.close()
+    # Assert
+    assert out is not None
+    np.testing.assert_array_equal(out, _block_values(4)(slice(0, 16)))
+
+
+def test_a_full_board_falls_back_to_computing_here() -> None:
+    board = _Board(size=4096, tables=1)
+    try:
+        assert board.table(b"a" * 16, 100, 100, 13) is None  # 80 kB do not fit in 4 kB
+        assert _shared_blocks(board, b"a" * 16, _block_values(100), [], 100, 100) is None
+    finally:
+        board.close()
