@@ -14,6 +14,7 @@ interpreter shutdown, no atexit hooks, no waiting for threads that the fork did 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mmap
 import multiprocessing
@@ -31,7 +32,7 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from fl_attack.engine.types import EngineError
 
@@ -118,6 +119,15 @@ class _Board:
 
 # The board of the map_in_workers call this process works for (set in the children only).
 _BOARD: _Board | None = None
+# The thread pools of the loaded libraries, found once (a search of them takes 2-7 ms).
+_POOLS: ThreadpoolController | None = None
+
+
+def _pools() -> ThreadpoolController:
+    global _POOLS
+    if _POOLS is None:
+        _POOLS = ThreadpoolController()
+    return _POOLS
 
 
 def _alive(pid: int) -> bool:
@@ -253,7 +263,7 @@ def _child(job: Callable[[int], object], tickets: int, out: int, board: _Board) 
         # already at one thread (set before the fork, see map_in_workers); touching them
         # here would restart OpenBLAS's pool, whose threads spin ~0.1 s for work.
         torch.set_num_threads(1)
-        threadpool_limits(1, user_api="openmp")
+        _pools().limit(limits=1, user_api="openmp")
         try:
             done: list[tuple[int, object]] = []
             while (index := _next_index(tickets)) is not None:
@@ -305,7 +315,7 @@ def map_in_workers(job: Callable[[int], T], count: int, workers: int) -> list[T]
     # (it shuts down at each fork), and its new threads spin for work for ~0.1 s against
     # the other worker: a worker's first update took 60-120 ms instead of ~25 ms. Left at
     # two threads, the pools spin all along (measured: 0.25 s of work took 7 s).
-    with _ONE_JOB_AT_A_TIME, threadpool_limits(1, user_api="blas"):
+    with _ONE_JOB_AT_A_TIME, _pools().limit(limits=1, user_api="blas"):
         outcomes = _fork_and_collect(job, count, workers)
     if outcomes is None:
         warnings.warn(
@@ -379,8 +389,11 @@ def _fork_and_collect(
             os.close(read)
         for pid, _ in children[len(outcomes) :]:  # interrupted: stop the others
             os.kill(pid, signal.SIGKILL)
-        for pid, _ in children:
-            os.waitpid(pid, 0)
+        # Reaped in the background: a child's exit frees its copy of the address space
+        # (~10 ms for a server-sized process), which the results need not wait for.
+        if children:
+            pids = [pid for pid, _ in children]
+            threading.Thread(target=_reap, args=(pids,), daemon=True).start()
         board.close()
     if any(outcome is None for outcome in outcomes):
         return None
@@ -389,6 +402,14 @@ def _fork_and_collect(
     if done != count and all(kind == "ok" for kind, _, _ in complete):
         return None  # every index must come back exactly once
     return complete
+
+
+def _reap(pids: list[int]) -> None:
+    """Wait for the children to exit, so that none is left a zombie."""
+    for pid in pids:
+        # ChildProcessError: already reaped elsewhere (e.g. a wait() for any child).
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
 
 
 def attack_each(
