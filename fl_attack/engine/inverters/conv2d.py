@@ -24,6 +24,7 @@ from fl_attack.engine.solve import (
     normal_matrix,
     solve_deflated,
     solve_spd,
+    submatrix,
     transposed_product,
     well_posed_cholesky,
 )
@@ -524,7 +525,7 @@ def _solve_factored(client: _Client) -> torch.Tensor | None:
     factor = for_weights(key, [client.weight], factorise)
     if factor is None:
         return None
-    blocks = [(r, cols, g[r][:, cols]) for r, cols in client.blocks]
+    blocks = [(r, cols, submatrix(g, r, cols)) for r, cols in client.blocks]
 
     def apply_gradient_rows(x: torch.Tensor) -> torch.Tensor:
         # (c*hw, m) -> (c*rows, m): the same row matrix g acts on every channel, one block
@@ -620,7 +621,7 @@ def _solve_tall(client: _Client) -> torch.Tensor | None:
     pu_t = torch.empty(width, n, dtype=torch.float64)
     for k in range(c):
         for r, cols in client.blocks:
-            pu_t[k * rows_g + r] = g[r][:, cols] @ inverse[k * hw + cols]
+            pu_t[k * rows_g + r] = submatrix(g, r, cols) @ inverse[k * hw + cols]
     k_free = torch.from_numpy(kfull[free.numpy()].toarray()) / rms if free.numel() else None
     if k_free is not None:
         pu_t[c * rows_g :] = k_free @ inverse
@@ -663,7 +664,7 @@ def _gram(g: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor]]) -> t
     """``G^T G`` block by block: rows that read different pixel phases never meet."""
     out = torch.zeros(g.shape[1], g.shape[1], dtype=g.dtype)
     for rows, cols in blocks:
-        sub = g[rows][:, cols]
+        sub = submatrix(g, rows, cols)
         out[cols.unsqueeze(1), cols.unsqueeze(0)] += sub.T @ sub
     return out
 
