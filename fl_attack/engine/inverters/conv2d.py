@@ -533,7 +533,7 @@ def _solve_factored(client: _Client) -> torch.Tensor | None:
         per_channel = x.reshape(c, hw, -1)
         out = torch.empty(c, g.shape[0], x.shape[1], dtype=x.dtype)
         for r, cols, sub in blocks:
-            out[:, r] = torch.matmul(sub, per_channel[:, cols])
+            out[:, r] = torch.matmul(sub, per_channel.index_select(1, cols))
         return out.reshape(-1, x.shape[1])
 
     return solve_deflated(
