@@ -51,6 +51,9 @@ _LOST_SWEEPS = 3
 _LOST_MARGIN = 4
 _RITZ_RTOL = 1e-3
 _RITZ_ROUNDING = 100  # in units of eps * the largest diagonal entry
+# The pivoted factorisation's lost directions are all there are when the other eigenvalues
+# provably exceed the cutoff by this factor (a margin for rounding in the bound).
+_GAP_FACTOR = 4.0
 # A free row's direction whose part outside the deflation basis is smaller than this
 # fraction of it is already reachable through the basis.
 _OUTSIDE_RTOL = 1e-6
@@ -194,14 +197,16 @@ def solve_spd(
         x, rank = (kept @ coef).reshape(rhs.shape), int(keep.sum())
         lost = evecs[:, ~keep]
         condition = float((evals[-1] / evals[0]) ** 0.5) if rank == n else float("inf")
+        complete = True  # every eigenvalue up to the cutoff is among them
     else:
-        x, rank, lost, condition = revealed
+        x, rank, lost, condition, complete = revealed
     if rank == n:
         return SpdSolution(x=x, rank=rank, condition=condition)
     # An unknown is still exact if the lost directions leave it (almost) untouched.
     touched = lost.square().sum(dim=1) > _LEVERAGE_TOL
     if floor is not None and rank > 0:
-        bounded = _bounded_where_lost(normal, rhs, x, touched, cutoff, floor, n - rank)
+        known_lost = lost if complete else None
+        bounded = _bounded_where_lost(normal, rhs, x, touched, cutoff, floor, n - rank, known_lost)
         if bounded is not None:
             return bounded
     return SpdSolution(x=x, rank=rank, condition=float("inf"), undetermined=touched)
@@ -223,18 +228,22 @@ def _largest_eigenvalue(normal: torch.Tensor, steps: int = 30) -> float:
 
 def _pivoted(
     normal: torch.Tensor, rhs: torch.Tensor, cutoff: float
-) -> tuple[torch.Tensor, int, torch.Tensor, float] | None:
+) -> tuple[torch.Tensor, int, torch.Tensor, float, bool] | None:
     """Minimum-norm solution, rank and lost directions by a pivoted Cholesky factorisation.
 
     LAPACK's ``dpstrf`` stops when every remaining pivot is at most ``cutoff``:
-    ``P^T N P = R^T R`` with ``R = [R11 R12]`` of ``rank`` rows. The lost directions are
-    ``P [-R11^-1 R12; I]``; the answer is the basic solution with its part along them
-    removed, as the eigen-decomposition would give it, at a fraction of the cost.
+    ``P^T N P = R^T R + S`` with ``R = [R11 R12]`` of ``rank`` rows and ``S`` the small
+    positive semi-definite remainder. The lost directions are ``P [-R11^-1 R12; I]``; the
+    answer is the basic solution with its part along them removed, as the
+    eigen-decomposition would give it, at a fraction of the cost.
 
     Returns
     -------
-    (x, rank, lost, condition) or None
-        ``lost`` has orthonormal columns (n, n - rank); None if LAPACK reports an error.
+    (x, rank, lost, condition, complete) or None
+        ``lost`` has orthonormal columns (n, n - rank); ``complete`` is True when no other
+        direction can have its eigenvalue below the cutoff: ``N >= P R^T R P^T``, whose
+        ``rank`` non-zero eigenvalues are at least ``sigma_min(R11)^2 >=
+        1 / ||R11^-1||_F^2``, above the cutoff. None if LAPACK reports an error.
     """
     n = normal.shape[0]
     factor, piv, rank, info = lapack.dpstrf(normal.numpy(), tol=cutoff, lower=0)
@@ -252,13 +261,16 @@ def _pivoted(
     if rank == n:
         rcond, info = lapack.dtrcon(factor, norm="1", uplo="U")
         condition = 1.0 / float(rcond) if info == 0 and rcond > 0 else float("inf")
-        return x.reshape(rhs.shape), n, torch.zeros(n, 0, dtype=normal.dtype), condition
+        return x.reshape(rhs.shape), n, torch.zeros(n, 0, dtype=normal.dtype), condition, True
     null = torch.zeros(n, n - rank, dtype=normal.dtype)
     null[order[:rank]] = -torch.linalg.solve_triangular(r11, upper[:, rank:], upper=True)
     null[order[rank:]] = torch.eye(n - rank, dtype=normal.dtype)
     lost, _ = torch.linalg.qr(null)
     x = x - lost @ (lost.T @ x)
-    return x.reshape(rhs.shape), rank, lost, float("inf")
+    inverse, info = lapack.dtrtri(factor[:rank, :rank], lower=0)  # reads the upper triangle
+    # 1 / ||R11^-1||_F^2 is a lower bound of sigma_min(R11)^2.
+    complete = info == 0 and 1.0 / float(np.square(np.triu(inverse)).sum()) > _GAP_FACTOR * cutoff
+    return x.reshape(rhs.shape), rank, lost, float("inf"), complete
 
 
 def _bounded_where_lost(
@@ -269,6 +281,7 @@ def _bounded_where_lost(
     cutoff: float,
     floor: float,
     expected: int,
+    known_lost: torch.Tensor | None = None,
 ) -> SpdSolution | None:
     """The bounded solve restricted to the unknowns the lost directions touch.
 
@@ -276,7 +289,8 @@ def _bounded_where_lost(
     touched ones, the problem is ``N_TT x_T = r_T - N_TR x_R``, whose null space is that of
     ``N`` (its lost directions live on T). A handful of lost directions usually touch a few
     dozen unknowns (e.g. a dead filter's inputs), so this is far smaller than the whole.
-    Eigenvalues up to ``cutoff`` count as lost; about ``expected`` of them are.
+    Eigenvalues up to ``cutoff`` count as lost; about ``expected`` of them are, or exactly
+    those spanned by ``known_lost`` when given (the caller has shown there are no others).
     """
     n = normal.shape[0]
     idx = torch.nonzero(touched).flatten()
@@ -287,7 +301,9 @@ def _bounded_where_lost(
     rest = torch.nonzero(~touched).flatten()
     sub_rhs = columns[idx] - submatrix(normal, idx, rest) @ values[rest]
     sub_normal = submatrix(normal, idx, idx)
-    spectrum = _lost_directions(sub_normal, cutoff, expected)
+    spectrum = None if known_lost is None else _ritz_pairs(sub_normal, known_lost[idx], cutoff)
+    if spectrum is None:
+        spectrum = _lost_directions(sub_normal, cutoff, expected)
     if spectrum is None:
         return None
     bounded = _bounded(sub_normal, spectrum, cutoff, sub_rhs, floor, values[idx] > floor)
@@ -364,6 +380,31 @@ def _lost_by_iteration(normal: torch.Tensor, cutoff: float, width: int) -> _Spec
     if float(theta[k] - residual[k]) <= cutoff or bool((residual[:k] > tolerance).any()):
         return None
     return _Spectrum(ritz[:, :k], theta[:k])
+
+
+def _ritz_pairs(normal: torch.Tensor, vectors: torch.Tensor, cutoff: float) -> _Spectrum | None:
+    """The eigenpairs of ``normal`` in the span of ``vectors``, all up to ``cutoff``; or None.
+
+    Rayleigh-Ritz on the given span (the lost directions a pivoted factorisation found,
+    restricted to the touched unknowns): accepted when every Ritz value is at most the
+    cutoff and every residual as small as :func:`_lost_by_iteration` demands. Used only
+    when there are known to be no other such eigenpairs, it replaces that iteration's
+    factorisation and sweeps (n = 767: 7 against 30 ms).
+    """
+    if vectors.shape[1] == 0 or vectors.shape[1] >= normal.shape[0]:
+        return None
+    basis, _ = torch.linalg.qr(vectors)
+    product = normal @ basis
+    small = basis.T @ product
+    theta, rotation = torch.linalg.eigh(0.5 * (small + small.T))
+    if float(theta[-1]) > cutoff:
+        return None
+    ritz = basis @ rotation
+    residual = (product @ rotation - ritz * theta).norm(dim=0)
+    rounding = _RITZ_ROUNDING * float(np.finfo(np.float64).eps) * float(normal.diagonal().max())
+    if bool((residual > max(_RITZ_RTOL * cutoff, rounding)).any()):
+        return None
+    return _Spectrum(ritz, theta)
 
 
 def _bounded(

@@ -252,3 +252,72 @@ def test_lost_directions_fall_back_when_the_block_is_too_small() -> None:
     assert solve._lost_by_iteration(normal, 1e-10, 4 + 16) is None
     found = solve._lost_directions(normal, 1e-10, 4)
     assert found is not None and found.vectors.shape == (300, 30)
+
+
+def _spectrum_matrix(
+    seed: int, small: np.ndarray, large: np.ndarray
+) -> tuple[torch.Tensor, np.ndarray]:
+    """A PSD matrix with the given eigenvalues and random eigenvectors (columns returned)."""
+    n = small.size + large.size
+    basis, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((n, n)))
+    values = np.concatenate([small, large])
+    return torch.from_numpy((basis * values) @ basis.T), basis
+
+
+def test_pivoted_lost_directions_are_complete_behind_a_clear_gap() -> None:
+    # Prepare: 9 eigenvalues at noise level, the others far above the cutoff.
+    rng = np.random.default_rng(11)
+    normal, basis = _spectrum_matrix(11, rng.uniform(0, 1e-14, 9), rng.uniform(1e-4, 1.0, 291))
+    cutoff = 1e-10
+    # Execute
+    revealed = solve._pivoted(normal, torch.zeros(300, dtype=torch.float64), cutoff)
+    # Assert: 9 lost directions, certified complete, and Rayleigh-Ritz on them gives the
+    # eigen-decomposition's lost pairs (as a subspace, and their eigenvalues).
+    assert revealed is not None
+    _, rank, lost, _, complete = revealed
+    assert rank == 291 and complete
+    pairs = solve._ritz_pairs(normal, lost, cutoff)
+    assert pairs is not None
+    truth = torch.from_numpy(basis[:, :9])
+    torch.testing.assert_close(pairs.vectors @ (pairs.vectors.T @ truth), truth, rtol=0, atol=1e-8)
+    assert bool((pairs.values <= cutoff).all())
+
+
+def test_pivoted_lost_directions_are_not_called_complete_without_a_gap() -> None:
+    # Prepare: 9 eigenvalues at noise level, and 5 just above the cutoff (no clear gap).
+    rng = np.random.default_rng(12)
+    small = rng.uniform(0, 1e-14, 9)
+    large = np.concatenate([np.full(5, 1.5e-10), rng.uniform(1e-4, 1.0, 286)])
+    normal, _ = _spectrum_matrix(12, small, large)
+    # Execute
+    revealed = solve._pivoted(normal, torch.zeros(300, dtype=torch.float64), 1e-10)
+    # Assert: the bound cannot rule out more lost directions: the caller must search.
+    assert revealed is not None
+    assert not revealed[4]
+
+
+def test_bounded_solve_gives_the_same_answer_with_or_without_the_known_directions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: the pinned problem, solved once normally (Rayleigh-Ritz on the pivoted
+    # factorisation's directions) and once with those refused (subspace iteration).
+    a, x = _dependent_columns(6)
+    normal, rhs = a.T @ a, a.T @ (a @ x)
+    used: list[bool] = []
+    real = solve._ritz_pairs
+
+    def spy(*args):  # type: ignore[no-untyped-def]
+        pairs = real(*args)
+        used.append(pairs is not None)
+        return pairs
+
+    monkeypatch.setattr(solve, "_ritz_pairs", spy)
+    quick = solve_spd(normal, rhs, rank_rtol=1e-6, floor=0.0)
+    assert used == [True]
+    monkeypatch.setattr(solve, "_ritz_pairs", lambda *args: None)
+    # Execute
+    slow = solve_spd(normal, rhs, rank_rtol=1e-6, floor=0.0)
+    # Assert: both find the truth.
+    assert quick.bounded and slow.bounded
+    torch.testing.assert_close(quick.x, x, rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(slow.x, quick.x, rtol=1e-8, atol=1e-9)
