@@ -299,9 +299,15 @@ def test_pivoted_lost_directions_are_not_called_complete_without_a_gap() -> None
 def test_bounded_solve_gives_the_same_answer_with_or_without_the_known_directions(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Prepare: the pinned problem, solved once normally (Rayleigh-Ritz on the pivoted
-    # factorisation's directions) and once with those refused (subspace iteration).
-    a, x = _dependent_columns(6)
+    # Prepare: one lost direction touching 81 unknowns (column 0 is a positive mix of
+    # columns 1-80), pinned by x0 = x1 = 0; solved once normally (Rayleigh-Ritz on the
+    # pivoted factorisation's directions) and once with those refused (subspace iteration).
+    rng = np.random.default_rng(6)
+    a_np = rng.standard_normal((300, 200))
+    a_np[:, 0] = a_np[:, 1:81] @ rng.uniform(0.1, 1.0, 80)
+    x_np = rng.uniform(0.1, 1.0, 200)
+    x_np[0] = x_np[1] = 0.0
+    a, x = torch.from_numpy(a_np), torch.from_numpy(x_np)
     normal, rhs = a.T @ a, a.T @ (a @ x)
     used: list[bool] = []
     real = solve._ritz_pairs
