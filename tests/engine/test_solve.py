@@ -196,30 +196,36 @@ def test_block_pivoting_gives_up_where_the_bound_leaves_a_direction_open() -> No
     assert z is None
 
 
-def test_bounded_solve_falls_back_to_lawson_hanson_with_the_same_answer(
-    monkeypatch: pytest.MonkeyPatch,
+def _same_answer_without(
+    monkeypatch: pytest.MonkeyPatch, step: str, a: torch.Tensor, x: torch.Tensor
 ) -> None:
-    # Prepare: the pinned problem, solved once normally and once with pivoting disabled.
-    a, x = _dependent_columns(5)
+    """Solve ``a z = a x`` (bounded at 0) with ``solve.<step>`` working, then refusing."""
     normal, rhs = a.T @ a, a.T @ (a @ x)
     found: list[bool] = []
-    real = solve._block_pivoting
+    real = getattr(solve, step)
 
     def spy(*args):  # type: ignore[no-untyped-def]
-        z = real(*args)
-        found.append(z is not None)
-        return z
+        out = real(*args)
+        found.append(out is not None)
+        return out
 
-    monkeypatch.setattr(solve, "_block_pivoting", spy)
+    monkeypatch.setattr(solve, step, spy)
     quick = solve_spd(normal, rhs, rank_rtol=1e-6, floor=0.0)
-    assert found == [True]  # the pivoting found it
-    monkeypatch.setattr(solve, "_block_pivoting", lambda *args: None)
-    # Execute
+    assert found == [True]  # the step was taken and gave the answer
+    monkeypatch.setattr(solve, step, lambda *args: None)
     slow = solve_spd(normal, rhs, rank_rtol=1e-6, floor=0.0)
-    # Assert: both paths find the truth.
+    # Both paths find the truth.
     assert quick.bounded and slow.bounded
     torch.testing.assert_close(quick.x, x, rtol=1e-8, atol=1e-9)
     torch.testing.assert_close(slow.x, quick.x, rtol=1e-8, atol=1e-9)
+
+
+def test_bounded_solve_falls_back_to_lawson_hanson_with_the_same_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The pinned problem, solved once normally and once with pivoting disabled.
+    a, x = _dependent_columns(5)
+    _same_answer_without(monkeypatch, "_block_pivoting", a, x)
 
 
 def test_lost_directions_by_iteration_match_the_eigen_decomposition() -> None:
@@ -299,31 +305,12 @@ def test_pivoted_lost_directions_are_not_called_complete_without_a_gap() -> None
 def test_bounded_solve_gives_the_same_answer_with_or_without_the_known_directions(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Prepare: one lost direction touching 81 unknowns (column 0 is a positive mix of
-    # columns 1-80), pinned by x0 = x1 = 0; solved once normally (Rayleigh-Ritz on the
-    # pivoted factorisation's directions) and once with those refused (subspace iteration).
+    # One lost direction touching 81 unknowns (column 0 is a positive mix of columns
+    # 1-80), pinned by x0 = x1 = 0; solved once normally (Rayleigh-Ritz on the pivoted
+    # factorisation's directions) and once with those refused (subspace iteration).
     rng = np.random.default_rng(6)
-    a_np = rng.standard_normal((300, 200))
-    a_np[:, 0] = a_np[:, 1:81] @ rng.uniform(0.1, 1.0, 80)
-    x_np = rng.uniform(0.1, 1.0, 200)
-    x_np[0] = x_np[1] = 0.0
-    a, x = torch.from_numpy(a_np), torch.from_numpy(x_np)
-    normal, rhs = a.T @ a, a.T @ (a @ x)
-    used: list[bool] = []
-    real = solve._ritz_pairs
-
-    def spy(*args):  # type: ignore[no-untyped-def]
-        pairs = real(*args)
-        used.append(pairs is not None)
-        return pairs
-
-    monkeypatch.setattr(solve, "_ritz_pairs", spy)
-    quick = solve_spd(normal, rhs, rank_rtol=1e-6, floor=0.0)
-    assert used == [True]
-    monkeypatch.setattr(solve, "_ritz_pairs", lambda *args: None)
-    # Execute
-    slow = solve_spd(normal, rhs, rank_rtol=1e-6, floor=0.0)
-    # Assert: both find the truth.
-    assert quick.bounded and slow.bounded
-    torch.testing.assert_close(quick.x, x, rtol=1e-8, atol=1e-9)
-    torch.testing.assert_close(slow.x, quick.x, rtol=1e-8, atol=1e-9)
+    a = rng.standard_normal((300, 200))
+    a[:, 0] = a[:, 1:81] @ rng.uniform(0.1, 1.0, 80)
+    x = rng.uniform(0.1, 1.0, 200)
+    x[0] = x[1] = 0.0
+    _same_answer_without(monkeypatch, "_ritz_pairs", torch.from_numpy(a), torch.from_numpy(x))
