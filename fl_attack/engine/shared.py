@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from scipy import sparse
 
-__all__ = ["clear_weight_cache", "for_weights", "weights_digest"]
+__all__ = ["cached", "clear_weight_cache", "for_weights", "weights_key"]
 
 T = TypeVar("T")
 
@@ -50,8 +50,7 @@ def _nbytes(value: object) -> int:
     return 0
 
 
-def weights_digest(tensors: Sequence[torch.Tensor]) -> str:
-    """A digest of the tensors' dtypes, shapes and exact bytes (the cache's identity)."""
+def _digest(tensors: Sequence[torch.Tensor]) -> str:
     h = hashlib.blake2b(digest_size=16)
     for t in tensors:
         flat = t.detach().to("cpu").contiguous()
@@ -76,7 +75,20 @@ def for_weights(key: Hashable, weights: Sequence[torch.Tensor], compute: Callabl
     -------
     The cached value, shared between callers: it must not be modified.
     """
-    full = (key, weights_digest(weights))
+    return cached(weights_key(key, weights), compute)
+
+
+def weights_key(key: Hashable, weights: Sequence[torch.Tensor]) -> tuple[Hashable, str]:
+    """``key`` with a digest of the tensors' dtypes, shapes and exact bytes.
+
+    The identity :func:`for_weights` caches under; equal in every process that holds the
+    same weights, so worker processes can share work under it too.
+    """
+    return key, _digest(weights)
+
+
+def cached(full: tuple[Hashable, str], compute: Callable[[], T]) -> T:
+    """``compute()``, cached under a :func:`weights_key` (see :func:`for_weights`)."""
     with _LOCK:
         if full in _CACHE:
             _CACHE.move_to_end(full)

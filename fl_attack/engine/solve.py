@@ -338,9 +338,10 @@ def _lost_directions(
     n = normal.shape[0]
     width = expected + _LOST_OVERSAMPLING
     found = None
-    if 4 * width <= n:
-        found = None if known is None else _ritz_pairs(normal, known, cutoff)
-        found = found or _lost_by_iteration(normal, cutoff, width)
+    if 4 * width <= n and known is not None:
+        found = _ritz_pairs(normal, known, cutoff)
+    if 4 * width <= n and found is None:
+        found = _lost_by_iteration(normal, cutoff, width)
     if found is None:
         found = _eigen_spectrum(normal, cutoff)
     k = found.values.numel()
@@ -381,8 +382,7 @@ def _lost_by_iteration(normal: torch.Tensor, cutoff: float, width: int) -> _Spec
     # Within ||r|| of each Ritz value lies an eigenvalue: the first kept one is clear of
     # the cutoff, and each lost one leaves at most a sliver of its direction's curvature
     # (or rounding, when the cutoff itself is below it).
-    rounding = _RITZ_ROUNDING * float(np.finfo(np.float64).eps) * float(normal.diagonal().max())
-    tolerance = max(_RITZ_RTOL * cutoff, rounding)
+    tolerance = _ritz_tolerance(normal, cutoff)
     if float(theta[k] - residual[k]) <= cutoff or bool((residual[:k] > tolerance).any()):
         return None
     return _Spectrum(ritz[:, :k], theta[:k])
@@ -407,10 +407,15 @@ def _ritz_pairs(normal: torch.Tensor, vectors: torch.Tensor, cutoff: float) -> _
         return None
     ritz = basis @ rotation
     residual = (product @ rotation - ritz * theta).norm(dim=0)
-    rounding = _RITZ_ROUNDING * float(np.finfo(np.float64).eps) * float(normal.diagonal().max())
-    if bool((residual > max(_RITZ_RTOL * cutoff, rounding)).any()):
+    if bool((residual > _ritz_tolerance(normal, cutoff)).any()):
         return None
     return _Spectrum(ritz, theta)
+
+
+def _ritz_tolerance(normal: torch.Tensor, cutoff: float) -> float:
+    """The residual a lost Ritz pair may have: a sliver of the cutoff, or rounding if larger."""
+    rounding = _RITZ_ROUNDING * float(np.finfo(np.float64).eps) * float(normal.diagonal().max())
+    return max(_RITZ_RTOL * cutoff, rounding)
 
 
 def _bounded(

@@ -27,7 +27,7 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import TypeVar
 
 import numpy as np
@@ -82,12 +82,22 @@ class _Board:
     def __init__(self, size: int = _BOARD_BYTES, tables: int = _BOARD_TABLES) -> None:
         self.memory = mmap.mmap(-1, size)
         self.tables = tables
-        self.start = self._HEAD.size + tables * self._RECORD.size
-        self._HEAD.pack_into(self.memory, 0, self.start, 0)
+        # Bytes used (the directory itself), tables used.
+        self._HEAD.pack_into(self.memory, 0, self._record(tables), 0)
         self.lock = multiprocessing.get_context("fork").Lock()
 
     def close(self) -> None:
         self.memory.close()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[bool]:
+        """The lock, if it comes within ``_LOCK_SECONDS``: False means a worker died holding it."""
+        locked = self.lock.acquire(timeout=_LOCK_SECONDS)
+        try:
+            yield locked
+        finally:
+            if locked:
+                self.lock.release()
 
     def table(self, digest: bytes, rows: int, columns: int, blocks: int) -> int | None:
         """Offset of the table for ``digest`` (made if new); None if the board is full."""
@@ -193,29 +203,21 @@ def _shared_blocks(
     columns: int,
 ) -> np.ndarray | None:
     """:func:`shared_columns` through ``board``; None if the board cannot take the table."""
-    if not board.lock.acquire(timeout=_LOCK_SECONDS):
-        return None  # a worker died holding it: share nothing more
-    try:
-        offset = board.table(digest, rows, columns, len(blocks))
-    finally:
-        board.lock.release()
+    with board.held() as locked:
+        offset = board.table(digest, rows, columns, len(blocks)) if locked else None
     if offset is None:
-        return None
+        return None  # the board is full, or a worker died holding it: share nothing more
     states = board.states(offset, len(blocks))
     data = board.data(offset, len(blocks), rows, columns)
     me = os.getpid()
 
     def take(index: int, owner: int) -> bool:
         """Mark block ``index`` as this worker's if it is still held by ``owner``."""
-        if not board.lock.acquire(timeout=_LOCK_SECONDS):
-            return False
-        try:
-            if int(states[index]) != owner:
+        with board.held() as locked:
+            if not locked or int(states[index]) != owner:
                 return False
             states[index] = me
             return True
-        finally:
-            board.lock.release()
 
     def run(index: int) -> None:
         try:
@@ -225,10 +227,8 @@ def _shared_blocks(
             raise
         # The lock's release publishes the data before the state; a lock held by a dead
         # worker cannot stop the state from being set.
-        locked = board.lock.acquire(timeout=_LOCK_SECONDS)
-        states[index] = board.DONE
-        if locked:
-            board.lock.release()
+        with board.held():
+            states[index] = board.DONE
 
     for index in range(len(blocks)):  # every block nobody has taken yet
         if int(states[index]) == 0 and take(index, 0):

@@ -16,10 +16,9 @@ from scipy.linalg import lapack
 from torch import nn
 
 from fl_attack.engine.registry import Inverter, Shape, register_inverter
-from fl_attack.engine.shared import for_weights, weights_digest
+from fl_attack.engine.shared import cached, for_weights, weights_key
 from fl_attack.engine.solve import (
     SpdSolution,
-    SquareFactor,
     factor_square,
     normal_matrix,
     solve_deflated,
@@ -514,15 +513,12 @@ def _solve_factored(client: _Client) -> torch.Tensor | None:
     hw, g = h * w, client.g
     n = c * hw
     width = min(max(n // _DEFLATION_RATIO, _DEFLATION_MIN), _DEFLATION_MAX, n)
-    key = ("conv2d-square-factor", client.geometry, width)
-
-    def factorise() -> SquareFactor | None:
-        # A round's workers all need it: they share its column solves (the named key and
-        # the weights' bytes say it is the same matrix in every worker).
-        shared = (key, weights_digest([client.weight]))
-        return factor_square(client.kcols, width, columns=functools.partial(shared_columns, shared))
-
-    factor = for_weights(key, [client.weight], factorise)
+    full = weights_key(("conv2d-square-factor", client.geometry, width), [client.weight])
+    # A round's workers all need it: they share its column solves under the same identity.
+    factor = cached(
+        full,
+        lambda: factor_square(client.kcols, width, columns=functools.partial(shared_columns, full)),
+    )
     if factor is None:
         return None
     blocks = [(r, cols, submatrix(g, r, cols)) for r, cols in client.blocks]
