@@ -4,7 +4,9 @@ A round's clients are independent given the model, and the engine's work is many
 solves that hold Python's GIL between them: threads barely help (measured 1.25x on two
 cores), processes do. Workers are *forked* with the job already in memory, so the model
 and the gradients reach them without pickling (any model works, even one defined in a
-script); only the results travel back, as plain pickles through a pipe.
+script); only the results travel back, as plain pickles through a pipe. The calling
+process is one of the workers: a fork of a server-sized process costs 13-20 ms, and the
+caller would otherwise only wait.
 
 The server forks from a thread while Flower, Ray and gRPC run threads of their own, so a
 child touches nothing but the job and its pipe, and leaves with ``os._exit``: no
@@ -20,6 +22,7 @@ import mmap
 import multiprocessing
 import os
 import pickle
+import select
 import signal
 import struct
 import sys
@@ -127,8 +130,9 @@ class _Board:
         return self._HEAD.size + index * self._RECORD.size
 
 
-# The board of the map_in_workers call this process works for (set in the children only).
-_BOARD: _Board | None = None
+# The board of the map_in_workers call this thread works for: set in the children, and in
+# the calling thread while it works its own share (other threads of the server see none).
+_HERE = threading.local()
 # The thread pools of the loaded libraries, found once (a search of them takes 2-7 ms).
 _POOLS: ThreadpoolController | None = None
 
@@ -182,7 +186,7 @@ def shared_columns(
         slice(start, min(start + _BLOCK_COLUMNS, columns))
         for start in range(0, columns, _BLOCK_COLUMNS)
     ]
-    board = _BOARD
+    board: _Board | None = getattr(_HERE, "board", None)
     if board is not None and rows * columns:
         digest = hashlib.blake2b(repr(key).encode(), digest_size=16).digest()
         shared = _shared_blocks(board, digest, compute, blocks, rows, columns)
@@ -249,14 +253,21 @@ def _next_index(tickets: int) -> int | None:
     return _TICKET.unpack(data)[0] if data else None
 
 
+def _work(job: Callable[[int], object], tickets: int) -> list[tuple[int, object]]:
+    """Run ``job`` on indices taken from ``tickets`` until none are left."""
+    done: list[tuple[int, object]] = []
+    while (index := _next_index(tickets)) is not None:
+        done.append((index, job(index)))
+    return done
+
+
 def _child(job: Callable[[int], object], tickets: int, out: int, board: _Board) -> None:
     """Run ``job`` on indices taken from ``tickets``, write the pickled outcome to ``out``.
 
     Never returns. The outcome is ``("ok", [(index, result), ...], "")`` or
     ``("raised", exception, traceback)``.
     """
-    global _BOARD
-    _BOARD = board
+    _HERE.board = board
     code = 0
     try:
         # One thread per worker: the workers already fill the cores. The BLAS pools are
@@ -265,10 +276,7 @@ def _child(job: Callable[[int], object], tickets: int, out: int, board: _Board) 
         torch.set_num_threads(1)
         _pools().limit(limits=1, user_api="openmp")
         try:
-            done: list[tuple[int, object]] = []
-            while (index := _next_index(tickets)) is not None:
-                done.append((index, job(index)))
-            outcome: tuple[str, object, str] = ("ok", done, "")
+            outcome: tuple[str, object, str] = ("ok", _work(job, tickets), "")
         except BaseException as exc:  # sent to the parent, raised there
             outcome = ("raised", exc, traceback.format_exc())
         try:
@@ -284,21 +292,38 @@ def _child(job: Callable[[int], object], tickets: int, out: int, board: _Board) 
         os._exit(code)
 
 
-def map_in_workers(job: Callable[[int], T], count: int, workers: int) -> list[T] | None:
-    """``[job(i) for i in range(count)]``, spread over ``workers`` forked processes.
+def _work_here(
+    job: Callable[[int], object], tickets: int, board: _Board
+) -> list[tuple[int, object]]:
+    """This process's share of the tickets, on one thread like the children's."""
+    threads = torch.get_num_threads()
+    _HERE.board = board
+    try:
+        torch.set_num_threads(1)
+        with _pools().limit(limits=1, user_api="openmp"):
+            return _work(job, tickets)
+    finally:
+        _HERE.board = None
+        torch.set_num_threads(threads)
 
-    Each worker takes the next index as soon as it is free (a shared pipe of tickets), so
-    a round's few expensive updates do not leave one worker running alone at the end.
+
+def map_in_workers(job: Callable[[int], T], count: int, workers: int) -> list[T] | None:
+    """``[job(i) for i in range(count)]``, spread over this process and forked ones.
+
+    ``workers - 1`` processes are forked; this one works as the last worker (one fork less,
+    and it starts at once). Each worker takes the next index as soon as it is free (a
+    shared pipe of tickets), so a round's few expensive updates do not leave one worker
+    running alone at the end.
 
     Parameters
     ----------
     job : callable
-        ``index -> result``; its result must pickle. It runs in the children, so it should
-        not rely on state changed after the call starts.
+        ``index -> result``; a result computed in a forked worker must pickle. It runs in
+        the children, so it should not rely on state changed after the call starts.
     count : int
         Number of indices.
     workers : int
-        Processes to use (at most ``count``).
+        Processes to use, this one included (at most ``count``).
 
     Returns
     -------
@@ -337,12 +362,37 @@ def map_in_workers(job: Callable[[int], T], count: int, workers: int) -> list[T]
     return results
 
 
+def _issue(issue: int, start: int, count: int) -> int:
+    """Write tickets ``start, start + 1, ...`` until the pipe is full; the next one left."""
+    # Whole pages of tickets: a pipe write of at most PIPE_BUF bytes is atomic, so a
+    # reader taking one ticket's size always gets exactly one whole ticket.
+    per_write = select.PIPE_BUF // _TICKET.size
+    while start < count:
+        stop = min(start + per_write, count)
+        try:
+            os.write(issue, b"".join(_TICKET.pack(i) for i in range(start, stop)))
+        except (BlockingIOError, BrokenPipeError):
+            break  # full (the rest later), or every worker has stopped taking tickets
+        start = stop
+    return start
+
+
+def _issue_rest(issue: int, start: int, count: int) -> None:
+    """The tickets the pipe could not take at first, as the workers take the others."""
+    try:
+        os.set_blocking(issue, True)
+        _issue(issue, start, count)
+    finally:
+        os.close(issue)
+
+
 def _fork_and_collect(
     job: Callable[[int], object], count: int, workers: int
 ) -> list[tuple[str, object, str]] | None:
-    """``workers`` forked children sharing ``count`` tickets; every child's outcome, or None.
+    """This process and ``workers - 1`` forked children sharing ``count`` tickets.
 
-    None when a child is missing (it died) or the indices were not all done.
+    Returns every worker's outcome (this process's first; only its own when its job
+    raised), or None when a child is missing (it died) or the indices were not all done.
     """
     children: list[tuple[int, int]] = []  # (pid, read end of its pipe)
     outcomes: list[tuple[str, object, str] | None] = []
@@ -351,8 +401,12 @@ def _fork_and_collect(
     except OSError:  # no shared memory for the board
         return None
     tickets, issue = os.pipe()
+    writer: threading.Thread | None = None
     try:
-        for _ in range(workers):
+        # Tickets first, as many as the pipe takes: each child starts on one at once.
+        os.set_blocking(issue, False)
+        issued = _issue(issue, 0, count)
+        for _ in range(workers - 1):
             read, write = os.pipe()
             pid = os.fork()
             if pid == 0:  # the child
@@ -361,17 +415,17 @@ def _fork_and_collect(
                 _child(job, tickets, write, board)
             os.close(write)  # else a later child holds it open and the read never ends
             children.append((pid, read))
-        os.close(tickets)
-        tickets = -1
-        # One write per ticket: each is atomic (far below PIPE_BUF), so a read of one
-        # ticket's size always takes exactly one whole ticket.
-        try:
-            for index in range(count):
-                os.write(issue, _TICKET.pack(index))
-        except BrokenPipeError:
-            pass  # every child has stopped taking tickets; each reports why below
-        os.close(issue)
+        if issued < count:  # the rest from a thread: a blocked write must not stop this one
+            writer = threading.Thread(target=_issue_rest, args=(issue, issued, count), daemon=True)
+            writer.start()
+        else:
+            os.close(issue)
         issue = -1
+        try:
+            mine: tuple[str, object, str] = ("ok", _work_here(job, tickets, board), "")
+        except Exception as exc:
+            return [("raised", exc, traceback.format_exc())]  # the children are stopped below
+        outcomes.append(mine)
         for _, read in children:  # read every pipe to its end before reaping
             with os.fdopen(read, "rb", closefd=False) as pipe:
                 data = pipe.read()
@@ -379,7 +433,7 @@ def _fork_and_collect(
                 outcomes.append(pickle.loads(data))
             except Exception:  # empty or cut short: the child died
                 outcomes.append(None)
-    except OSError:  # fork or pipe failed (out of processes or memory), or all children died
+    except OSError:  # fork or pipe failed (out of processes or memory)
         return None
     finally:
         for fd in (tickets, issue):
@@ -387,8 +441,11 @@ def _fork_and_collect(
                 os.close(fd)
         for _, read in children:
             os.close(read)
-        for pid, _ in children[len(outcomes) :]:  # interrupted: stop the others
+        collected = max(0, len(outcomes) - 1)  # outcomes[0] is this process's
+        for pid, _ in children[collected:]:  # interrupted: stop the others
             os.kill(pid, signal.SIGKILL)
+        if writer is not None:
+            writer.join()  # done, or its pipe has lost every reader: it stops
         # Reaped in the background: a child's exit frees its copy of the address space
         # (~10 ms for a server-sized process), which the results need not wait for.
         if children:

@@ -6,6 +6,7 @@ import os
 import pickle
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,9 +32,20 @@ from fl_attack.engine.workers import (
 from fl_attack.models import build_model
 
 
+def _meet(place: Path, parties: int = 2) -> None:
+    """Wait until ``parties`` processes have called this: both workers then hold a client.
+
+    Without it, a worker that starts late may find every ticket already taken.
+    """
+    with place.open("a") as log:  # appends this short are atomic
+        log.write(f"{os.getpid()}\n")
+    deadline = time.monotonic() + 60.0
+    while len(set(place.read_text().split())) < parties and time.monotonic() < deadline:
+        time.sleep(0.002)
+
+
 def _threads(index: int) -> tuple[int, int, list[int]]:
     del index
-    time.sleep(0.05)  # long enough that both workers take tickets
     pools = [pool["num_threads"] for pool in threadpool_info()]
     return os.getpid(), torch.get_num_threads(), pools
 
@@ -65,37 +77,53 @@ def test_reconstruct_many_over_two_workers_equals_one_process() -> None:
         assert one.warnings == other.warnings
 
 
-def test_work_really_runs_in_other_processes_with_one_thread_each() -> None:
+def test_work_runs_here_and_in_a_forked_process_with_one_thread_each(tmp_path: Path) -> None:
+    # Prepare: this process's torch threads as they are.
+    before = torch.get_num_threads()
+
+    def job(index: int) -> tuple[int, int, list[int]]:
+        _meet(tmp_path / "met")
+        return _threads(index)
+
     # Execute
-    seen = map_in_workers(_threads, 8, 2)
-    # Assert: not this process, two distinct workers, one thread in torch and every pool.
+    seen = map_in_workers(job, 8, 2)
+    # Assert: this process and one forked worker, one thread in torch and every pool in
+    # both; this process gets its own setting back.
     assert seen is not None
     pids = {pid for pid, _, _ in seen}
-    assert os.getpid() not in pids
+    assert os.getpid() in pids
     assert len(pids) == 2
     assert all(threads == 1 for _, threads, _ in seen)
     assert all(set(pools) <= {1} for _, _, pools in seen)
+    assert torch.get_num_threads() == before
 
 
-def _blas_threads(index: int) -> int:
-    """Threads of this worker after a BLAS product large enough to go parallel."""
+def _blas_threads(index: int) -> tuple[int, int]:
+    """This process's id and threads after a BLAS product large enough to go parallel."""
     del index
     a = np.random.default_rng(0).standard_normal((400, 400))
     _ = a @ a  # numpy's OpenBLAS
     _ = scipy.linalg.blas.dgemm(1.0, a, a)  # scipy's own OpenBLAS
-    return len(os.listdir("/proc/self/task"))
+    return os.getpid(), len(os.listdir("/proc/self/task"))
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
-def test_workers_start_no_blas_threads_and_this_process_keeps_its_pools() -> None:
+def test_workers_start_no_blas_threads_and_this_process_keeps_its_pools(tmp_path: Path) -> None:
     # Prepare: this process's pools as they are (possibly several threads).
     before = [pool["num_threads"] for pool in threadpool_info()]
+
+    def job(index: int) -> tuple[int, int]:
+        _meet(tmp_path / "met")
+        return _blas_threads(index)
+
     # Execute
-    threads = map_in_workers(_blas_threads, 4, 2)
-    # Assert: each worker runs its BLAS on its own thread (a restarted OpenBLAS pool would
-    # add threads that spin against the other worker), and the pools here are restored.
-    assert threads is not None
-    assert threads == [1, 1, 1, 1]
+    seen = map_in_workers(job, 4, 2)
+    # Assert: the forked worker runs its BLAS on its own thread (a restarted OpenBLAS pool
+    # would add threads that spin against the other worker), and the pools here are
+    # restored. (This process's own thread count says nothing: it may run other threads.)
+    assert seen is not None
+    forked = [threads for pid, threads in seen if pid != os.getpid()]
+    assert forked and set(forked) == {1}
     assert [pool["num_threads"] for pool in threadpool_info()] == before
 
 
@@ -127,9 +155,12 @@ def test_an_engine_error_takes_its_clients_place() -> None:
     assert isinstance(results[3], ReconstructionError) and "client -4" in str(results[3])
 
 
-def test_a_worker_that_dies_sends_the_round_back_to_this_process() -> None:
+def test_a_worker_that_dies_sends_the_round_back_to_this_process(tmp_path: Path) -> None:
+    parent = os.getpid()
+
     def job(index: int) -> int:
-        if index == 1:
+        _meet(tmp_path / "met")
+        if os.getpid() != parent:
             os._exit(3)  # as if killed (out of memory, a signal) mid-round
         return index
 
@@ -137,6 +168,23 @@ def test_a_worker_that_dies_sends_the_round_back_to_this_process() -> None:
         assert map_in_workers(job, 4, 2) is None
     # and the round still gets every answer, computed here
     assert attack_each(lambda x: x * 10, [0, 1, 2, 3], 1) == [0, 10, 20, 30]
+
+
+def test_an_error_here_stops_the_forked_workers_and_propagates() -> None:
+    # Prepare: this process fails at its first client; the forked worker would run on.
+    parent = os.getpid()
+
+    def job(index: int) -> int:
+        if os.getpid() == parent:
+            raise RuntimeError(f"a bug at {index}")
+        time.sleep(0.01)
+        return index
+
+    # Execute / Assert: raised at once, not after the other worker's 20000 clients.
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match="a bug at"):
+        map_in_workers(job, 20000, 2)
+    assert time.perf_counter() - start < 60.0
 
 
 def test_results_come_back_in_client_order() -> None:
@@ -175,12 +223,12 @@ def test_a_free_worker_takes_the_next_client() -> None:
 
 
 def test_more_clients_than_the_ticket_pipe_holds_all_come_back() -> None:
-    # 20000 tickets of 8 bytes overflow a 64 KiB pipe: the parent writes while workers read.
+    # 20000 tickets of 8 bytes overflow a 64 KiB pipe: a thread writes while workers read.
     assert map_in_workers(lambda i: i, 20000, 2) == list(range(20000))
 
 
 def test_an_error_in_every_worker_propagates_while_tickets_remain() -> None:
-    # Both workers stop taking tickets at once: the parent's writes then find no reader.
+    # Both workers stop taking tickets at once: the ticket writer then finds no reader.
     def job(index: int) -> int:
         raise RuntimeError(f"bug at {index}")
 
@@ -206,9 +254,10 @@ def test_shared_columns_outside_workers_are_computed_here() -> None:
     np.testing.assert_array_equal(out, expected)
 
 
-def test_two_workers_share_the_blocks_of_one_key() -> None:
+def test_two_workers_share_the_blocks_of_one_key(tmp_path: Path) -> None:
     # Prepare: each worker needs the same 40-column matrix and logs the blocks it computes.
     def job(index: int) -> tuple[int, list[int], np.ndarray]:
+        _meet(tmp_path / "met")
         mine: list[int] = []
 
         def compute(block: slice) -> np.ndarray:
