@@ -20,12 +20,14 @@ from scipy.sparse.linalg import SuperLU, splu
 
 __all__ = [
     "ColumnMap",
+    "OrderedLU",
     "SpdSolution",
     "SquareFactor",
     "factor_square",
     "normal_matrix",
     "solve_deflated",
     "solve_spd",
+    "sparse_lu",
     "submatrix",
     "transposed_product",
     "well_posed_cholesky",
@@ -555,12 +557,74 @@ def _pinned(lost: np.ndarray, on_bound: np.ndarray) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
+class OrderedLU:
+    """A sparse LU of ``K``'s columns taken in a given order; it solves systems in ``K``.
+
+    Attributes
+    ----------
+    lu : scipy.sparse.linalg.SuperLU
+        Sparse LU of ``K[:, order]``.
+    order : numpy.ndarray
+        The column order it was given.
+    """
+
+    lu: SuperLU
+    order: np.ndarray
+
+    @property
+    def eliminated(self) -> np.ndarray:
+        """``K``'s columns in the order the factorisation eliminated them.
+
+        Given as ``order`` to a factorisation of a matrix with the same sparsity pattern,
+        it spares the fill-reducing ordering, which depends on the pattern alone, and the
+        factors come out the same.
+        """
+        # SuperLU factorises K[:, order] @ Pc, i.e. the columns order[argsort(perm_c)].
+        return self.order[np.argsort(self.lu.perm_c)]
+
+    def solve(self, rhs: np.ndarray, trans: str = "N") -> np.ndarray:
+        """``K^-1 rhs``, or ``K^-T rhs`` with ``trans="T"``; rhs (n,) or (n, k)."""
+        if trans == "N":
+            permuted = self.lu.solve(rhs)
+            out = np.empty_like(permuted)
+            out[self.order] = permuted
+            return out
+        return self.lu.solve(rhs[self.order], trans=trans)
+
+
+def sparse_lu(kmat: sparse.spmatrix, order: np.ndarray | None = None) -> OrderedLU:
+    """Sparse LU of a square ``K``, optionally with its columns in a known good order.
+
+    Parameters
+    ----------
+    kmat : scipy.sparse matrix
+        ``K``, square.
+    order : numpy.ndarray, optional
+        :attr:`OrderedLU.eliminated` of an earlier factorisation of the same sparsity
+        pattern; without it, a fill-reducing order is computed here.
+
+    Raises
+    ------
+    RuntimeError
+        If ``K`` is exactly singular.
+    """
+    csc = sparse.csc_matrix(kmat, dtype=np.float64)
+    if order is None:
+        # Minimum degree on K^T K: for conv matrices its factors fill less than COLAMD's
+        # (rconv-main's first layer: 1.13M against 1.37M entries), and every client's
+        # solve reads them all (0.53 against 0.74 ms per column).
+        return OrderedLU(splu(csc, permc_spec="MMD_ATA"), np.arange(csc.shape[1]))
+    # The ordering is 16 of the 42 ms of rconv-main's first layer.
+    return OrderedLU(splu(csc[:, order], permc_spec="NATURAL"), order)
+
+
+@dataclass(frozen=True, slots=True)
 class SquareFactor:
     """A square sparse system factorised once, with the directions it barely determines.
 
     Attributes
     ----------
-    lu : scipy.sparse.linalg.SuperLU
+    lu : OrderedLU
         Sparse LU of ``K``.
     basis : torch.Tensor
         Orthonormal columns (n, k) spanning ``K``'s weakest directions (approximately its
@@ -571,7 +635,7 @@ class SquareFactor:
         ``(K basis)^T (K basis)``, (k, k).
     """
 
-    lu: SuperLU
+    lu: OrderedLU
     basis: torch.Tensor
     k_basis: torch.Tensor
     k_gram: torch.Tensor
@@ -589,7 +653,12 @@ def _all_columns(compute: Callable[[slice], np.ndarray], rows: int, columns: int
 
 
 def factor_square(
-    kmat: sparse.spmatrix, width: int, *, seed: int = 0, columns: ColumnMap = _all_columns
+    kmat: sparse.spmatrix,
+    width: int,
+    *,
+    seed: int = 0,
+    columns: ColumnMap = _all_columns,
+    order: np.ndarray | None = None,
 ) -> SquareFactor | None:
     """Sparse LU of a square ``K`` and a ``width``-column basis of its weakest directions.
 
@@ -609,6 +678,9 @@ def factor_square(
         Assembles the range finder's columns (three sparse solves each, most of the
         cost) from blocks, e.g. shared among processes that all need this factorisation;
         by default all at once, here.
+    order : numpy.ndarray, optional
+        The column order of an earlier factorisation of the same sparsity pattern
+        (:attr:`OrderedLU.eliminated`); by default one is computed.
 
     Returns
     -------
@@ -619,10 +691,7 @@ def factor_square(
     if kmat.shape != (n, n) or n == 0:
         return None
     try:
-        # Minimum degree on K^T K: for conv matrices its factors fill less than COLAMD's
-        # (rconv-main's first layer: 1.13M against 1.37M entries), and every client's
-        # solve reads them all (0.53 against 0.74 ms per column).
-        lu = splu(sparse.csc_matrix(kmat, dtype=np.float64), permc_spec="MMD_ATA")
+        lu = sparse_lu(kmat, order)
     except RuntimeError:  # exactly singular
         return None
     width = max(1, min(width, n))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from fl_attack.engine import (
 from fl_attack.engine.inverters import conv2d
 from fl_attack.engine.inverters.relu import zero_threshold
 from fl_attack.engine.registry import inverter_for, register_inverter
+from fl_attack.engine.shared import clear_weight_cache
 
 F64 = SolveOptions.for_dtype(torch.float64)
 
@@ -231,6 +233,40 @@ def test_large_conv_takes_its_fast_path_and_matches_the_dense_solve(
     assert fast_diag.rank == dense_diag.rank == x.numel()
     assert_all_close({"input": truth.input}, {"input": fast.value}, rtol=1e-7, atol=1e-8)
     torch.testing.assert_close(fast.value, dense.value, rtol=1e-8, atol=1e-9)
+
+
+def test_factored_solve_orders_each_geometry_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: two layers of one geometry with different weights; no order known yet, and
+    # no factorisation cached from earlier tests.
+    monkeypatch.setattr(conv2d, "_column_orders", {})
+    clear_weight_cache()
+    orders: list[np.ndarray | None] = []
+    real = conv2d.factor_square
+
+    def spy(*args: object, order: np.ndarray | None = None, **kwargs: object) -> object:
+        orders.append(order)
+        return real(*args, order=order, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(conv2d, "factor_square", spy)
+    x = torch.rand(3, 32, 32, dtype=torch.float64)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        conv = nn.Conv2d(3, 12, 5, stride=2, padding=2).double()
+        nn.init.uniform_(conv.weight, -0.5, 0.5)
+        model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(3072, 5)).double()
+        truth = trace(model, x, 1)["0"]
+        known = torch.ones(truth.output.shape, dtype=torch.bool)
+        signal_in = Signal(value=truth.output, known=known, grad=truth.grad_output)
+        grads = _grads(model, x, 1)
+        layer_grads = {"weight": grads["0.weight"], "bias": grads["0.bias"]}
+        # Execute
+        out, diag = inverter_for(conv).invert(conv, "0", layer_grads, signal_in, (3, 32, 32), F64)
+        # Assert: exact either way
+        assert "(factored)" in diag.constraints
+        assert_all_close({"input": truth.input}, {"input": out.value}, rtol=1e-7, atol=1e-8)
+    # Assert: the first weights found the order, the second reused it.
+    assert orders[0] is None
+    assert orders[1] is not None and sorted(orders[1].tolist()) == list(range(3072))
 
 
 def test_leaky_relu_close_calls_keep_their_value_only_when_it_is_sound() -> None:

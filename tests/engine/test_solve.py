@@ -9,7 +9,7 @@ from scipy import optimize, sparse
 
 from fl_attack.engine import shared, solve
 from fl_attack.engine.shared import clear_weight_cache, for_weights
-from fl_attack.engine.solve import factor_square, solve_deflated, solve_spd
+from fl_attack.engine.solve import factor_square, solve_deflated, solve_spd, sparse_lu
 
 
 def _system(n: int, rows: int, seed: int) -> tuple[sparse.csr_matrix, torch.Tensor]:
@@ -77,6 +77,30 @@ def test_a_singular_weight_system_has_no_factor() -> None:
     k = sparse.csr_matrix(np.diag([1.0, 2.0, 0.0]))
     assert factor_square(k, width=2) is None
     assert factor_square(sparse.csr_matrix(np.ones((3, 2))), width=2) is None
+
+
+def test_sparse_lu_solves_both_ways_and_its_order_serves_the_same_pattern_again() -> None:
+    # Prepare: two matrices with one sparsity pattern and different values.
+    k, _ = _system(150, 1, seed=4)
+    other = k.copy()
+    other.data = np.random.default_rng(5).uniform(0.5, 1.5, other.data.size) * other.data
+    rhs = np.random.default_rng(6).standard_normal((150, 3))
+    first = sparse_lu(k)
+    # Execute: the second factorisation takes the first one's column order.
+    ordered = sparse_lu(other, first.eliminated)
+    fresh = sparse_lu(other)
+    # Assert: K^-1 and K^-T against dense solves; the given order is the one a fresh
+    # factorisation would have found, so the factors and answers are identical.
+    for lu, mat in ((first, k), (ordered, other)):
+        dense = mat.toarray()
+        np.testing.assert_allclose(lu.solve(rhs), np.linalg.solve(dense, rhs), rtol=1e-10)
+        np.testing.assert_allclose(
+            lu.solve(rhs, trans="T"), np.linalg.solve(dense.T, rhs), rtol=1e-10
+        )
+    assert ordered.lu.L.nnz + ordered.lu.U.nnz == fresh.lu.L.nnz + fresh.lu.U.nnz
+    np.testing.assert_array_equal(ordered.solve(rhs), fresh.solve(rhs))
+    np.testing.assert_array_equal(ordered.solve(rhs, trans="T"), fresh.solve(rhs, trans="T"))
+    np.testing.assert_array_equal(ordered.eliminated, first.eliminated)
 
 
 def test_weight_cache_computes_once_per_weights_and_again_when_they_change() -> None:

@@ -64,6 +64,8 @@ _DENSE_COPIES = 4
 _DIRECT_NORMAL_FLOPS = 2e8
 # Rows of unknown output the factorised solve takes on (each costs the client a sparse solve).
 _MAX_FREE_ROWS = 32
+# Geometries whose sparse LU column order is remembered (see _column_orders).
+_MAX_ORDERS = 64
 
 
 # (filters, kernel, stride, dilation, left padding, 'same', (H, W)) of a conv layer's input.
@@ -447,6 +449,11 @@ def _weight_pattern(c: int, geometry: _Geometry) -> tuple[_Pattern, _Pattern]:
     return layouts[0], layouts[1]
 
 
+# The factorised solve's sparse LU column order, by geometry: it depends on K's sparsity
+# pattern alone, so a process (and the workers it forks later) orders each geometry once.
+_column_orders: dict[tuple[int, _Geometry], np.ndarray] = {}
+
+
 @dataclass(frozen=True, slots=True)
 class _Client:
     """One client's stacked system at a conv layer, as the fast solvers take it.
@@ -515,12 +522,17 @@ def _solve_factored(client: _Client) -> torch.Tensor | None:
     width = min(max(n // _DEFLATION_RATIO, _DEFLATION_MIN), _DEFLATION_MAX, n)
     full = weights_key(("conv2d-square-factor", client.geometry, width), [client.weight])
     # A round's workers all need it: they share its column solves under the same identity.
+    order = _column_orders.get(client.geometry)
     factor = cached(
         full,
-        lambda: factor_square(client.kcols, width, columns=functools.partial(shared_columns, full)),
+        lambda: factor_square(
+            client.kcols, width, columns=functools.partial(shared_columns, full), order=order
+        ),
     )
     if factor is None:
         return None
+    if order is None and len(_column_orders) < _MAX_ORDERS:
+        _column_orders[client.geometry] = factor.lu.eliminated
     blocks = [(r, cols, submatrix(g, r, cols)) for r, cols in client.blocks]
 
     def apply_gradient_rows(x: torch.Tensor) -> torch.Tensor:
