@@ -23,6 +23,8 @@ __all__ = [
     "OrderedLU",
     "SpdSolution",
     "SquareFactor",
+    "cholesky",
+    "cholesky_solve",
     "factor_square",
     "normal_matrix",
     "solve_deflated",
@@ -112,6 +114,26 @@ def normal_matrix(a: torch.Tensor) -> torch.Tensor:
     return lower + torch.tril(lower, -1).T
 
 
+def cholesky(matrix: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Lower Cholesky factor of a symmetric float64 matrix, and LAPACK's ``info``.
+
+    LAPACK's ``dpotrf`` through SciPy's OpenBLAS: on one thread of these machines it runs
+    2-3x faster than torch's (0.21 against 0.60 ms at n = 256, 7.7 against 18 ms at
+    n = 1024). It reads the lower triangle, as ``torch.linalg.cholesky`` does. ``info > 0``:
+    the leading minor of that order is not positive definite (the factor is then partial).
+    """
+    # A row-major array read column-major is the transpose: the upper factor of the
+    # matrix's transpose, read back row-major, is the lower factor of the matrix.
+    upper, info = lapack.dpotrf(matrix.numpy().T, lower=0, clean=1)
+    return torch.from_numpy(upper.T), int(info)
+
+
+def cholesky_solve(rhs: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``(L L^T)^-1 rhs`` for a lower factor ``L`` from :func:`cholesky`; rhs (n,) or (n, k)."""
+    x, _ = lapack.dpotrs(factor.numpy().T, rhs.reshape(rhs.shape[0], -1).numpy(), lower=0)
+    return torch.from_numpy(np.ascontiguousarray(x)).reshape(rhs.shape)
+
+
 def _reciprocal_condition(factor: torch.Tensor, anorm: float) -> float:
     """LAPACK's 1-norm estimate of ``1 / cond(normal)`` from its Cholesky factor (O(n^2))."""
     # Passed as the lower factor it is (measured: 4x faster than its transposed view as "U").
@@ -133,8 +155,8 @@ def _well_posed(
     matrix: torch.Tensor, rank_rtol: float, anorm: float
 ) -> tuple[torch.Tensor, float] | None:
     """:func:`well_posed_cholesky` given the 1-norm; also returns the reciprocal condition."""
-    factor, info = torch.linalg.cholesky_ex(matrix)
-    if int(info) != 0:
+    factor, info = cholesky(matrix)
+    if info != 0:
         return None
     top = float(matrix.diagonal().max())
     if not bool((factor.diagonal() ** 2 > (rank_rtol**2) * top).all()):
@@ -185,7 +207,7 @@ def solve_spd(
     well_posed = _well_posed(normal, rank_rtol, anorm)
     if well_posed is not None:
         factor, rcond = well_posed
-        x = torch.cholesky_solve(rhs.reshape(n, -1), factor).reshape(rhs.shape)
+        x = cholesky_solve(rhs, factor)
         return SpdSolution(x=x, rank=n, condition=rcond**-0.5)
     # Rank-deficient or nearly so: keep only the directions the data determine.
     cutoff = (rank_rtol**2) * _largest_eigenvalue(normal)
@@ -370,13 +392,13 @@ def _lost_by_iteration(normal: torch.Tensor, cutoff: float, width: int) -> _Spec
     n = normal.shape[0]
     shifted = normal.clone()
     shifted.diagonal().add_(cutoff)
-    factor, info = torch.linalg.cholesky_ex(shifted)
-    if int(info) != 0:
+    factor, info = cholesky(shifted)
+    if info != 0:
         return None
     generator = torch.Generator().manual_seed(0)
     block = torch.randn(n, width, generator=generator, dtype=normal.dtype)
     for _ in range(_LOST_SWEEPS):
-        block, _ = torch.linalg.qr(torch.cholesky_solve(block, factor))
+        block, _ = torch.linalg.qr(cholesky_solve(block, factor))
     small = block.T @ normal @ block
     theta, rotation = torch.linalg.eigh(0.5 * (small + small.T))
     k = int((theta <= cutoff).sum())
@@ -500,7 +522,7 @@ def _block_pivoting(
             chol = well_posed_cholesky(submatrix(normal, idx, idx), _SINGULAR_RTOL)
             if chol is None:
                 return None
-            z[idx] = torch.cholesky_solve(rhs[idx].unsqueeze(1), chol).squeeze(1)
+            z[idx] = cholesky_solve(rhs[idx], chol)
         gradient = normal @ z - rhs
         gradient[idx] = 0.0
         wrong = (free & (z < -_PIVOTING_RTOL * max(1.0, float(z.abs().max())))) | (
@@ -790,5 +812,5 @@ def solve_deflated(
     chol = well_posed_cholesky(gram + normal_matrix(av), rank_rtol)
     if chol is None:
         return None
-    alpha = torch.cholesky_solve(transposed_product(av, resid.unsqueeze(1)), chol).squeeze(1)
+    alpha = cholesky_solve(transposed_product(av, resid.unsqueeze(1)), chol).squeeze(1)
     return z0 + basis @ alpha

@@ -19,6 +19,8 @@ from fl_attack.engine.registry import Inverter, Shape, register_inverter
 from fl_attack.engine.shared import cached, for_weights, weights_key
 from fl_attack.engine.solve import (
     SpdSolution,
+    cholesky,
+    cholesky_solve,
     factor_square,
     normal_matrix,
     solve_deflated,
@@ -598,7 +600,7 @@ def _solve_gradient_first(client: _Client, gram: torch.Tensor) -> torch.Tensor |
     if chol is None:
         return None
     rhs = transposed_product(basis, gtb).T.reshape(-1) + k_basis.T @ r_weight
-    gamma = torch.cholesky_solve(rhs.unsqueeze(1), chol).reshape(c, d)
+    gamma = cholesky_solve(rhs, chol).reshape(c, d)
     return (z_g + basis @ gamma.T).T.reshape(-1)  # (c*hw,)
 
 
@@ -658,8 +660,8 @@ def _solve_tall(client: _Client) -> torch.Tensor | None:
 def _normal_inverse(kfull: sparse.csr_matrix) -> torch.Tensor | None:
     """``(K^T K)^-1`` when ``K^T K`` is well conditioned (else None), float64."""
     normal = torch.from_numpy((kfull.T @ kfull).toarray())
-    factor, info = torch.linalg.cholesky_ex(normal)
-    if int(info) != 0:
+    factor, info = cholesky(normal)
+    if info != 0:
         return None
     anorm = float(torch.linalg.matrix_norm(normal, ord=1))
     rcond, info = lapack.dpocon(factor.numpy(), anorm, uplo="L")
