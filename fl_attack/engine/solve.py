@@ -221,7 +221,7 @@ def solve_spd(
         x, rank = (kept @ coef).reshape(rhs.shape), int(keep.sum())
         lost = evecs[:, ~keep]
         condition = float((evals[-1] / evals[0]) ** 0.5) if rank == n else float("inf")
-        complete = True  # every eigenvalue up to the cutoff is among them
+        complete = _yes  # every eigenvalue up to the cutoff is among them
     else:
         x, rank, lost, condition, complete = revealed
     if rank == n:
@@ -229,7 +229,10 @@ def solve_spd(
     # An unknown is still exact if the lost directions leave it (almost) untouched.
     touched = lost.square().sum(dim=1) > _LEVERAGE_TOL
     if floor is not None and rank > 0:
-        known_lost = lost if complete else None
+
+        def known_lost() -> torch.Tensor | None:
+            return lost if complete() else None
+
         bounded = _bounded_where_lost(normal, rhs, x, touched, cutoff, floor, n - rank, known_lost)
         if bounded is not None:
             return bounded
@@ -252,7 +255,7 @@ def _largest_eigenvalue(normal: torch.Tensor, steps: int = 30) -> float:
 
 def _pivoted(
     normal: torch.Tensor, rhs: torch.Tensor, cutoff: float
-) -> tuple[torch.Tensor, int, torch.Tensor, float, bool] | None:
+) -> tuple[torch.Tensor, int, torch.Tensor, float, Callable[[], bool]] | None:
     """Minimum-norm solution, rank and lost directions by a pivoted Cholesky factorisation.
 
     LAPACK's ``dpstrf`` stops when every remaining pivot is at most ``cutoff``:
@@ -264,10 +267,11 @@ def _pivoted(
     Returns
     -------
     (x, rank, lost, condition, complete) or None
-        ``lost`` has orthonormal columns (n, n - rank); ``complete`` is True when no other
-        direction can have its eigenvalue below the cutoff: ``N >= P R^T R P^T``, whose
-        ``rank`` non-zero eigenvalues are at least ``sigma_min(R11)^2 >=
-        1 / ||R11^-1||_F^2``, above the cutoff. None if LAPACK reports an error.
+        ``lost`` has orthonormal columns (n, n - rank); ``complete()`` is True when no
+        other direction can have its eigenvalue below the cutoff: ``N >= P R^T R P^T``,
+        whose ``rank`` non-zero eigenvalues are at least ``sigma_min(R11)^2 >=
+        1 / ||R11^-1||_F^2``, above the cutoff (an inverse of R11: computed only if asked).
+        None if LAPACK reports an error.
     """
     n = normal.shape[0]
     # The lower factor, of the matrix as the column-major array LAPACK works on (the
@@ -277,27 +281,36 @@ def _pivoted(
     if info < 0 or rank == 0:
         return None
     order = torch.from_numpy(piv.astype(np.int64) - 1)
-    upper = torch.from_numpy(np.tril(lower[:, :rank]).T)  # R = L^T: rank rows
-    r11 = upper[:, :rank]
+    # R = L^T. The triangular solves read only their own triangle of L11 (the other holds
+    # what dpstrf left there), so no copy of the triangle is made.
+    factor = torch.from_numpy(lower)
+    l11, r11 = factor[:rank, :rank], factor[:rank, :rank].T
     columns = rhs.reshape(n, -1)[order][:rank]
     basic = torch.linalg.solve_triangular(
-        r11, torch.linalg.solve_triangular(r11.T, columns, upper=False), upper=True
+        r11, torch.linalg.solve_triangular(l11, columns, upper=False), upper=True
     )
     x = torch.zeros(n, columns.shape[1], dtype=normal.dtype)
     x[order[:rank]] = basic
     if rank == n:
         rcond, info = lapack.dtrcon(lower, norm="1", uplo="L")
         condition = 1.0 / float(rcond) if info == 0 and rcond > 0 else float("inf")
-        return x.reshape(rhs.shape), n, torch.zeros(n, 0, dtype=normal.dtype), condition, True
+        return x.reshape(rhs.shape), n, torch.zeros(n, 0, dtype=normal.dtype), condition, _yes
     null = torch.zeros(n, n - rank, dtype=normal.dtype)
-    null[order[:rank]] = -torch.linalg.solve_triangular(r11, upper[:, rank:], upper=True)
+    null[order[:rank]] = -torch.linalg.solve_triangular(r11, factor[rank:, :rank].T, upper=True)
     null[order[rank:]] = torch.eye(n - rank, dtype=normal.dtype)
     lost, _ = torch.linalg.qr(null)
     x = x - lost @ (lost.T @ x)
-    inverse, info = lapack.dtrtri(lower[:rank, :rank], lower=1)  # reads the lower triangle
-    # 1 / ||R11^-1||_F^2 is a lower bound of sigma_min(R11)^2.
-    complete = info == 0 and 1.0 / float(np.square(np.tril(inverse)).sum()) > _GAP_FACTOR * cutoff
+
+    def complete() -> bool:
+        inverse, info = lapack.dtrtri(lower[:rank, :rank], lower=1)  # reads the lower triangle
+        # 1 / ||R11^-1||_F^2 is a lower bound of sigma_min(R11)^2.
+        return info == 0 and 1.0 / float(np.square(np.tril(inverse)).sum()) > _GAP_FACTOR * cutoff
+
     return x.reshape(rhs.shape), rank, lost, float("inf"), complete
+
+
+def _yes() -> bool:
+    return True
 
 
 def _bounded_where_lost(
@@ -308,7 +321,7 @@ def _bounded_where_lost(
     cutoff: float,
     floor: float,
     expected: int,
-    known_lost: torch.Tensor | None = None,
+    known_lost: Callable[[], torch.Tensor | None] | None = None,
 ) -> SpdSolution | None:
     """The bounded solve restricted to the unknowns the lost directions touch.
 
@@ -317,7 +330,8 @@ def _bounded_where_lost(
     ``N`` (its lost directions live on T). A handful of lost directions usually touch a few
     dozen unknowns (e.g. a dead filter's inputs), so this is far smaller than the whole.
     Eigenvalues up to ``cutoff`` count as lost; about ``expected`` of them are, or exactly
-    those spanned by ``known_lost`` when given (the caller has shown there are no others).
+    those spanned by what ``known_lost()`` returns, if not None (the caller has shown there
+    are no others; asked only where it would be used).
     """
     n = normal.shape[0]
     idx = torch.nonzero(touched).flatten()
@@ -328,7 +342,11 @@ def _bounded_where_lost(
     rest = torch.nonzero(~touched).flatten()
     sub_rhs = columns[idx] - submatrix(normal, idx, rest) @ values[rest]
     sub_normal = submatrix(normal, idx, idx)
-    known = None if known_lost is None else known_lost[idx]
+
+    def known() -> torch.Tensor | None:
+        vectors = known_lost() if known_lost is not None else None
+        return None if vectors is None else vectors[idx]
+
     spectrum = _lost_directions(sub_normal, cutoff, expected, known)
     if spectrum is None:
         return None
@@ -350,12 +368,15 @@ class _Spectrum:
 
 
 def _lost_directions(
-    normal: torch.Tensor, cutoff: float, expected: int, known: torch.Tensor | None = None
+    normal: torch.Tensor,
+    cutoff: float,
+    expected: int,
+    known: Callable[[], torch.Tensor | None] | None = None,
 ) -> _Spectrum | None:
     """Eigenpairs of ``normal`` with eigenvalue up to ``cutoff``.
 
     With few lost directions among many unknowns, they come from Rayleigh-Ritz on
-    ``known`` (directions spanning them all, when the caller has them), else from subspace
+    ``known()`` (directions spanning them all, when the caller has them), else from subspace
     iteration on ``(N + cutoff I)^-1``, which needs one Cholesky factorisation (n = 767:
     7 and 30 ms against 65 ms for the whole eigen-decomposition). The whole decomposition
     is used when they are not a small share (it is then needed anyway if the bounded
@@ -365,8 +386,9 @@ def _lost_directions(
     n = normal.shape[0]
     width = expected + _LOST_OVERSAMPLING
     found = None
-    if 4 * width <= n and known is not None:
-        found = _ritz_pairs(normal, known, cutoff)
+    vectors = known() if 4 * width <= n and known is not None else None
+    if vectors is not None:
+        found = _ritz_pairs(normal, vectors, cutoff)
     if 4 * width <= n and found is None:
         found = _lost_by_iteration(normal, cutoff, width)
     if found is None:

@@ -305,7 +305,7 @@ def test_pivoted_lost_directions_are_complete_behind_a_clear_gap() -> None:
     # eigen-decomposition's lost pairs (as a subspace, and their eigenvalues).
     assert revealed is not None
     _, rank, lost, _, complete = revealed
-    assert rank == 291 and complete
+    assert rank == 291 and complete()
     pairs = solve._ritz_pairs(normal, lost, cutoff)
     assert pairs is not None
     truth = torch.from_numpy(basis[:, :9])
@@ -323,7 +323,7 @@ def test_pivoted_lost_directions_are_not_called_complete_without_a_gap() -> None
     revealed = solve._pivoted(normal, torch.zeros(300, dtype=torch.float64), 1e-10)
     # Assert: the bound cannot rule out more lost directions: the caller must search.
     assert revealed is not None
-    assert not revealed[4]
+    assert not revealed[4]()
 
 
 def test_bounded_solve_gives_the_same_answer_with_or_without_the_known_directions(
