@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from fl_attack.engine.types import (
     SolveOptions,
     UnsupportedLayerError,
 )
-from fl_attack.engine.workers import attack_each
+from fl_attack.engine.workers import Staged, attack_each
 
 # A layer's relative residual above this many sqrt(eps) means its constraints disagree:
 # exact single-sample gradients leave ~1e-5 in float32 (1e-10 in float64), updates derived
@@ -268,6 +269,21 @@ def reconstruct(
     return _reconstruct_checked(model, gradients, shape, options, input_floor, start)
 
 
+@dataclass(frozen=True, slots=True)
+class _Partial:
+    """One client's inversion down to the first layer's output: stage one of a round.
+
+    The first layer left (in rconv-main, the big shared factorisation) costs about the same
+    for every client; the layers above are where some clients cost far more (rank-deficient
+    layers): a round runs every client's upper layers before any first layer (``Staged``).
+    """
+
+    signal: Signal | None  # None if the first layer is the only one
+    diagnostics: tuple[LayerDiagnostics, ...]
+    options: SolveOptions
+    seconds: float
+
+
 def _reconstruct_checked(
     model: nn.Module,
     gradients: Gradients,
@@ -277,33 +293,46 @@ def _reconstruct_checked(
     start: float,
 ) -> Reconstruction:
     """:func:`reconstruct` of a model that :func:`check` has passed for ``shape``."""
-    chain, _ = layer_chain(model)
+    partial = _upper_layers(model, gradients, shape, options, input_floor, start)
+    return _first_layer(model, gradients, shape, input_floor, partial, time.perf_counter())
+
+
+def _upper_layers(
+    model: nn.Module,
+    gradients: Gradients,
+    shape: Shape,
+    options: SolveOptions | None,
+    input_floor: float | None,
+    start: float,
+) -> _Partial:
+    """Every layer but the first, from the output down (the model has passed :func:`check`)."""
     named = named_gradients(model, gradients)
     if options is None:
         dtypes = {g.dtype for g in named.values()}
         worst = min(dtypes, key=lambda d: torch.finfo(d).bits)
         options = SolveOptions.for_dtype(worst)
-    shapes = _shapes(chain, shape)
-    prefix = {name: name + "." if name else "" for name, _ in chain}
-    signal: Signal | None = None
-    diagnostics: list[LayerDiagnostics] = []
-    with torch.no_grad():
-        for index in range(len(chain) - 1, -1, -1):
-            name, layer = chain[index]
-            inverter = inverter_for(layer)
-            assert inverter is not None
-            own = {
-                local: named[prefix[name] + local].to(torch.float64)
-                for local, _ in layer.named_parameters(recurse=False)
-            }
-            below = inverter_for(chain[index - 1][1]) if index > 0 else None
-            floor = below.output_floor(chain[index - 1][1]) if below is not None else input_floor
-            signal, diag = inverter.invert(
-                layer, name, own, signal, shapes[index], options, input_floor=floor
-            )
-            diagnostics.append(diag)
+    chain, _ = layer_chain(model)
+    signal, diagnostics = _invert(chain, named, shape, options, input_floor, None, [], 1)
+    return _Partial(signal, tuple(diagnostics), options, time.perf_counter() - start)
+
+
+def _first_layer(
+    model: nn.Module,
+    gradients: Gradients,
+    shape: Shape,
+    input_floor: float | None,
+    partial: _Partial,
+    start: float,
+) -> Reconstruction:
+    """The first layer below :func:`_upper_layers`' result, then the label and evidence."""
+    named = named_gradients(model, gradients)
+    options = partial.options
+    chain, _ = layer_chain(model)
+    signal, diagnostics = _invert(
+        chain, named, shape, options, input_floor, partial.signal, list(partial.diagnostics), 0
+    )
     assert signal is not None
-    last_bias = named[prefix[chain[-1][0]] + "bias"]
+    last_bias = named[_prefix(chain[-1][0]) + "bias"]
     label = int(last_bias.argmin())
     warnings, notes = _findings(diagnostics, last_bias, options)
     image = signal.value.reshape(shape)
@@ -313,11 +342,46 @@ def _reconstruct_checked(
         image=image,
         label=label,
         layers=tuple(diagnostics),
-        seconds=time.perf_counter() - start,
+        seconds=partial.seconds + time.perf_counter() - start,
         warnings=tuple(warnings),
         notes=tuple(notes),
         evidence=evidence,
     )
+
+
+def _prefix(name: str) -> str:
+    return name + "." if name else ""
+
+
+def _invert(
+    chain: list[tuple[str, nn.Module]],
+    named: Mapping[str, torch.Tensor],
+    shape: Shape,
+    options: SolveOptions,
+    input_floor: float | None,
+    signal: Signal | None,
+    diagnostics: list[LayerDiagnostics],
+    lowest: int,
+) -> tuple[Signal | None, list[LayerDiagnostics]]:
+    """Invert the chain's layers from the one above ``signal`` down to index ``lowest``."""
+    shapes = _shapes(chain, shape)
+    top = len(chain) - 1 - len(diagnostics)
+    with torch.no_grad():
+        for index in range(top, lowest - 1, -1):
+            name, layer = chain[index]
+            inverter = inverter_for(layer)
+            assert inverter is not None
+            own = {
+                local: named[_prefix(name) + local].to(torch.float64)
+                for local, _ in layer.named_parameters(recurse=False)
+            }
+            below = inverter_for(chain[index - 1][1]) if index > 0 else None
+            floor = below.output_floor(chain[index - 1][1]) if below is not None else input_floor
+            signal, diag = inverter.invert(
+                layer, name, own, signal, shapes[index], options, input_floor=floor
+            )
+            diagnostics.append(diag)
+    return signal, diagnostics
 
 
 def reconstruct_many(
@@ -352,14 +416,17 @@ def reconstruct_many(
     shape: Shape = tuple(int(s) for s in input_shape)
     problems = check(model, shape)  # once for the round: every client has the same model
 
-    def attack(grads: Gradients) -> Reconstruction:
+    def upper(grads: Gradients) -> _Partial:
         if problems:
             raise UnsupportedLayerError(problems)
-        return _reconstruct_checked(model, grads, shape, options, input_floor, time.perf_counter())
+        return _upper_layers(model, grads, shape, options, input_floor, time.perf_counter())
+
+    def first(grads: Gradients, partial: _Partial) -> Reconstruction:
+        return _first_layer(model, grads, shape, input_floor, partial, time.perf_counter())
 
     # Per-weight work (e.g. a conv layer's factorisation) is cached by the weights' digest
     # (fl_attack.engine.shared), so the first client of a process pays for it.
-    return attack_each(attack, gradients, workers)
+    return attack_each(Staged(upper, first), gradients, workers)
 
 
 def _findings(

@@ -31,7 +31,8 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar, overload
 
 import numpy as np
 import torch
@@ -39,11 +40,12 @@ from threadpoolctl import ThreadpoolController
 
 from fl_attack.engine.types import EngineError
 
-__all__ = ["attack_each", "available_cores", "map_in_workers", "shared_columns"]
+__all__ = ["Staged", "attack_each", "available_cores", "map_in_workers", "shared_columns"]
 
 T = TypeVar("T")
 C = TypeVar("C")
 R = TypeVar("R")
+S = TypeVar("S")
 
 # One fork-and-collect at a time: a child forked by a second thread would inherit the
 # first call's pipe write ends and hold its reads open until that child exits.
@@ -82,8 +84,8 @@ class _Board:
     _RECORD = struct.Struct("<16sqqqq")
     DONE = -1
 
-    def __init__(self, size: int = _BOARD_BYTES, tables: int = _BOARD_TABLES) -> None:
-        self.memory = mmap.mmap(-1, size)
+    def __init__(self, size: int | None = None, tables: int = _BOARD_TABLES) -> None:
+        self.memory = mmap.mmap(-1, size or _BOARD_BYTES)
         self.tables = tables
         # Bytes used (the directory itself), tables used.
         self._HEAD.pack_into(self.memory, 0, self._record(tables), 0)
@@ -102,20 +104,36 @@ class _Board:
             if locked:
                 self.lock.release()
 
+    def allocate(self, nbytes: int) -> int | None:
+        """Offset of ``nbytes`` fresh bytes (8-aligned); None if the board is full.
+
+        The caller holds the lock, or no other process exists yet.
+        """
+        used, count = self._HEAD.unpack_from(self.memory, 0)
+        need = -(-nbytes // 8) * 8
+        if used + need > len(self.memory):
+            return None
+        self._HEAD.pack_into(self.memory, 0, used + need, count)
+        return used
+
     def table(self, digest: bytes, rows: int, columns: int, blocks: int) -> int | None:
         """Offset of the table for ``digest`` (made if new); None if the board is full."""
-        used, count = self._HEAD.unpack_from(self.memory, 0)
+        _, count = self._HEAD.unpack_from(self.memory, 0)
         for i in range(count):
             key, r, c, b, offset = self._RECORD.unpack_from(self.memory, self._record(i))
             if key == digest:
                 return offset if (r, c, b) == (rows, columns, blocks) else None
-        need = 8 * (blocks + rows * columns)
-        if count == self.tables or used + need > len(self.memory):
+        if count == self.tables:
             return None
-        record = (digest, rows, columns, blocks, used)
-        self._RECORD.pack_into(self.memory, self._record(count), *record)
-        self._HEAD.pack_into(self.memory, 0, used + need, count + 1)
-        return used
+        offset = self.allocate(8 * (blocks + rows * columns))
+        if offset is None:
+            return None
+        self._RECORD.pack_into(
+            self.memory, self._record(count), digest, rows, columns, blocks, offset
+        )
+        used, _ = self._HEAD.unpack_from(self.memory, 0)
+        self._HEAD.pack_into(self.memory, 0, used, count + 1)
+        return offset
 
     def states(self, offset: int, blocks: int) -> np.ndarray:
         return np.frombuffer(self.memory, np.int64, blocks, offset)
@@ -128,6 +146,76 @@ class _Board:
 
     def _record(self, index: int) -> int:
         return self._HEAD.size + index * self._RECORD.size
+
+
+class _Stages:
+    """Hand-over of first-stage results between a round's workers (see :class:`Staged`).
+
+    One record per index in the board: its state (pending, ready, taken), the pid running
+    its first stage, and where its pickled first-stage result lies. Also the pids of every
+    worker, so that a worker waiting for a first stage can tell that its runner died.
+    """
+
+    PENDING, READY, TAKEN = 0, 1, 2
+    _FIELDS = 4  # state, first-stage pid, offset, length
+
+    def __init__(self, board: _Board, count: int, workers: int) -> None:
+        """Made before the fork; raises MemoryError if the board cannot hold the records."""
+        offset = board.allocate(8 * (self._FIELDS * count + workers))
+        if offset is None:
+            raise MemoryError("the board has no room for the stages' records")
+        self.board = board
+        self.records = np.frombuffer(board.memory, np.int64, self._FIELDS * count, offset)
+        self.records = self.records.reshape(count, self._FIELDS)
+        self.pids = np.frombuffer(
+            board.memory, np.int64, workers, offset + 8 * self._FIELDS * count
+        )
+
+    def begin(self, index: int) -> None:
+        """This worker runs ``index``'s first stage."""
+        self.records[index, 1] = os.getpid()
+
+    def put(self, index: int, state: object) -> bool:
+        """Leave ``index``'s first-stage result for any worker; False if the board is full.
+
+        On False the caller runs the second stage itself (it is marked taken).
+        """
+        data = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+        board = self.board
+        with board.held() as locked:
+            offset = board.allocate(len(data)) if locked else None
+            if offset is None:
+                self.records[index, 0] = self.TAKEN
+                return False
+        board.memory[offset : offset + len(data)] = data
+        # Published under the lock, after the data: a reader that sees READY sees the data.
+        with board.held():
+            self.records[index, 2:] = (offset, len(data))
+            self.records[index, 0] = self.READY
+        return True
+
+    def take(self) -> tuple[int, object] | None:
+        """The lowest index whose first stage is done and second stage not taken, and its
+        first-stage result; waits while first stages still run elsewhere. None when every
+        second stage is taken, or a worker has died (the round then fails as a whole).
+        """
+        records, board = self.records, self.board
+        while True:
+            with board.held() as locked:
+                if not locked:
+                    return None
+                ready = np.flatnonzero(records[:, 0] == self.READY)
+                if ready.size:
+                    index = int(ready[0])
+                    records[index, 0] = self.TAKEN
+                    offset, length = (int(v) for v in records[index, 2:])
+                    data = board.memory[offset : offset + length]
+                    return index, pickle.loads(data)
+                if not (records[:, 0] == self.PENDING).any():
+                    return None
+            if any(pid and not _alive(int(pid)) for pid in self.pids):
+                return None
+            time.sleep(1e-4)
 
 
 # The board of the map_in_workers call this thread works for: set in the children, and in
@@ -253,15 +341,41 @@ def _next_index(tickets: int) -> int | None:
     return _TICKET.unpack(data)[0] if data else None
 
 
-def _work(job: Callable[[int], object], tickets: int) -> list[tuple[int, object]]:
-    """Run ``job`` on indices taken from ``tickets`` until none are left."""
+def _work(
+    job: Callable[[int], object],
+    tickets: int,
+    second: Callable[[int, object], object] | None = None,
+    stages: _Stages | None = None,
+) -> list[tuple[int, object]]:
+    """Run ``job`` on indices taken from ``tickets`` until none are left.
+
+    With ``second``, ``job`` is the first stage: its results go to ``stages``, and once the
+    tickets are gone this worker takes second stages, of any worker's first stages.
+    """
     done: list[tuple[int, object]] = []
     while (index := _next_index(tickets)) is not None:
-        done.append((index, job(index)))
+        if second is None or stages is None:
+            done.append((index, job(index)))
+            continue
+        stages.begin(index)
+        state = job(index)
+        if not stages.put(index, state):  # no room to hand it over: finish it here
+            done.append((index, second(index, state)))
+    if second is not None and stages is not None:
+        while (taken := stages.take()) is not None:
+            index, state = taken
+            done.append((index, second(index, state)))
     return done
 
 
-def _child(job: Callable[[int], object], tickets: int, out: int, board: _Board) -> None:
+def _child(
+    job: Callable[[int], object],
+    tickets: int,
+    out: int,
+    board: _Board,
+    second: Callable[[int, object], object] | None,
+    stages: _Stages | None,
+) -> None:
     """Run ``job`` on indices taken from ``tickets``, write the pickled outcome to ``out``.
 
     Never returns. The outcome is ``("ok", [(index, result), ...], "")`` or
@@ -276,7 +390,7 @@ def _child(job: Callable[[int], object], tickets: int, out: int, board: _Board) 
         torch.set_num_threads(1)
         _pools().limit(limits=1, user_api="openmp")
         try:
-            outcome: tuple[str, object, str] = ("ok", _work(job, tickets), "")
+            outcome: tuple[str, object, str] = ("ok", _work(job, tickets, second, stages), "")
         except BaseException as exc:  # sent to the parent, raised there
             outcome = ("raised", exc, traceback.format_exc())
         try:
@@ -293,7 +407,11 @@ def _child(job: Callable[[int], object], tickets: int, out: int, board: _Board) 
 
 
 def _work_here(
-    job: Callable[[int], object], tickets: int, board: _Board
+    job: Callable[[int], object],
+    tickets: int,
+    board: _Board,
+    second: Callable[[int, object], object] | None,
+    stages: _Stages | None,
 ) -> list[tuple[int, object]]:
     """This process's share of the tickets, on one thread like the children's."""
     threads = torch.get_num_threads()
@@ -301,19 +419,35 @@ def _work_here(
     try:
         torch.set_num_threads(1)
         with _pools().limit(limits=1, user_api="openmp"):
-            return _work(job, tickets)
+            return _work(job, tickets, second, stages)
     finally:
         _HERE.board = None
         torch.set_num_threads(threads)
 
 
-def map_in_workers(job: Callable[[int], T], count: int, workers: int) -> list[T] | None:
+@overload
+def map_in_workers(job: Callable[[int], T], count: int, workers: int) -> list[T] | None: ...
+
+
+@overload
+def map_in_workers(
+    job: Callable[[int], S], count: int, workers: int, second: Callable[[int, S], T]
+) -> list[T] | None: ...
+
+
+def map_in_workers(
+    job: Callable[[int], Any],
+    count: int,
+    workers: int,
+    second: Callable[[int, Any], Any] | None = None,
+) -> list[Any] | None:
     """``[job(i) for i in range(count)]``, spread over this process and forked ones.
 
     ``workers - 1`` processes are forked; this one works as the last worker (one fork less,
     and it starts at once). Each worker takes the next index as soon as it is free (a
     shared pipe of tickets), so a round's few expensive updates do not leave one worker
-    running alone at the end.
+    running alone at the end. With ``second``, the results are ``second(i, job(i))``, and
+    every ``job`` is taken before any ``second`` (see :class:`Staged`).
 
     Parameters
     ----------
@@ -324,6 +458,9 @@ def map_in_workers(job: Callable[[int], T], count: int, workers: int) -> list[T]
         Number of indices.
     workers : int
         Processes to use, this one included (at most ``count``).
+    second : callable, optional
+        ``(index, job's result) -> result``: a second stage, run in whichever worker is
+        free once every first stage has been taken; ``job``'s results must then pickle.
 
     Returns
     -------
@@ -341,7 +478,7 @@ def map_in_workers(job: Callable[[int], T], count: int, workers: int) -> list[T]
     # the other worker: a worker's first update took 60-120 ms instead of ~25 ms. Left at
     # two threads, the pools spin all along (measured: 0.25 s of work took 7 s).
     with _ONE_JOB_AT_A_TIME, _pools().limit(limits=1, user_api="blas"):
-        outcomes = _fork_and_collect(job, count, workers)
+        outcomes = _fork_and_collect(job, count, workers, second)
     if outcomes is None:
         warnings.warn(
             "a worker process could not start or died before returning its results; "
@@ -350,7 +487,7 @@ def map_in_workers(job: Callable[[int], T], count: int, workers: int) -> list[T]
             stacklevel=2,
         )
         return None
-    results: list[T] = [None] * count  # type: ignore[list-item]
+    results: list[Any] = [None] * count
     for kind, value, where in outcomes:
         if kind == "raised":
             assert isinstance(value, BaseException)
@@ -387,7 +524,10 @@ def _issue_rest(issue: int, start: int, count: int) -> None:
 
 
 def _fork_and_collect(
-    job: Callable[[int], object], count: int, workers: int
+    job: Callable[[int], object],
+    count: int,
+    workers: int,
+    second: Callable[[int, object], object] | None = None,
 ) -> list[tuple[str, object, str]] | None:
     """This process and ``workers - 1`` forked children sharing ``count`` tickets.
 
@@ -398,7 +538,8 @@ def _fork_and_collect(
     outcomes: list[tuple[str, object, str] | None] = []
     try:
         board = _Board()
-    except OSError:  # no shared memory for the board
+        stages = _Stages(board, count, workers) if second is not None else None
+    except (OSError, MemoryError):  # no shared memory for the board, or too little
         return None
     tickets, issue = os.pipe()
     writer: threading.Thread | None = None
@@ -412,9 +553,11 @@ def _fork_and_collect(
             if pid == 0:  # the child
                 os.close(read)
                 os.close(issue)  # else the ticket pipe never reports its end
-                _child(job, tickets, write, board)
+                _child(job, tickets, write, board, second, stages)
             os.close(write)  # else a later child holds it open and the read never ends
             children.append((pid, read))
+            if stages is not None:
+                stages.pids[len(children)] = pid
         if issued < count:  # the rest from a thread: a blocked write must not stop this one
             writer = threading.Thread(target=_issue_rest, args=(issue, issued, count), daemon=True)
             writer.start()
@@ -422,7 +565,8 @@ def _fork_and_collect(
             os.close(issue)
         issue = -1
         try:
-            mine: tuple[str, object, str] = ("ok", _work_here(job, tickets, board), "")
+            work = _work_here(job, tickets, board, second, stages)
+            mine: tuple[str, object, str] = ("ok", work, "")
         except Exception as exc:
             return [("raised", exc, traceback.format_exc())]  # the children are stopped below
         outcomes.append(mine)
@@ -451,6 +595,7 @@ def _fork_and_collect(
         if children:
             pids = [pid for pid, _ in children]
             threading.Thread(target=_reap, args=(pids,), daemon=True).start()
+        stages = None  # its arrays view the board's memory, which cannot close under them
         board.close()
     if any(outcome is None for outcome in outcomes):
         return None
@@ -469,14 +614,36 @@ def _reap(pids: list[int]) -> None:
             os.waitpid(pid, 0)
 
 
+@dataclass(frozen=True, slots=True)
+class Staged(Generic[C, S, R]):
+    """A per-client attack in two stages: ``second(client, first(client))``.
+
+    Spread over workers (:func:`attack_each`), every client's first stage is taken before
+    any second stage, and a second stage runs in whichever worker is free, on the first
+    stage's result handed over through shared memory. Where the first stage's cost varies
+    from client to client and the second's does not, no worker is left finishing one long
+    job alone at the end of the round: while it does, the other takes second stages.
+
+    Attributes
+    ----------
+    first : callable
+        ``client -> state``; the state must pickle.
+    second : callable
+        ``(client, state) -> result``.
+    """
+
+    first: Callable[[C], S]
+    second: Callable[[C, S], R]
+
+
 def attack_each(
-    attack_one: Callable[[C], R], clients: Sequence[C], workers: int
+    attack_one: Callable[[C], R] | Staged[C, Any, R], clients: Sequence[C], workers: int
 ) -> list[R | EngineError]:
     """``attack_one`` on every client, spread over ``workers`` processes, in client order.
 
     A client whose attack raises an :class:`~fl_attack.engine.EngineError` gets the error
     in place of its result, so one bad update does not stop the round; any other
-    exception propagates.
+    exception propagates. ``attack_one`` may come in two stages (:class:`Staged`).
 
     Raises
     ------
@@ -486,12 +653,35 @@ def attack_each(
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     items = list(clients)
+    if isinstance(attack_one, Staged):
+        staged = attack_one
+
+        def first(index: int) -> object:
+            try:
+                return staged.first(items[index])
+            except EngineError as exc:
+                return exc
+
+        def second(index: int, state: object) -> R | EngineError:
+            if isinstance(state, EngineError):
+                return state
+            try:
+                return staged.second(items[index], state)
+            except EngineError as exc:
+                return exc
+
+        spread = map_in_workers(first, len(items), workers, second)
+        if spread is not None:
+            return spread
+        return [second(i, first(i)) for i in range(len(items))]
+
+    single = attack_one
 
     def one(index: int) -> R | EngineError:
         try:
-            return attack_one(items[index])
+            return single(items[index])
         except EngineError as exc:
             return exc
 
-    spread = map_in_workers(one, len(items), workers)
-    return spread if spread is not None else [one(i) for i in range(len(items))]
+    spread_one = map_in_workers(one, len(items), workers)
+    return spread_one if spread_one is not None else [one(i) for i in range(len(items))]
