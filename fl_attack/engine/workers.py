@@ -233,13 +233,23 @@ def _pools() -> ThreadpoolController:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs: a zombie (exited, not yet reaped) does not.
+
+    A worker that died stays a zombie until the process that forked it reaps it, and that
+    process may be the very one waiting for it here.
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            # "pid (name) state ...": the name may hold spaces and parentheses.
+            return stat.read().rpartition(b")")[2].split()[0] != b"Z"
+    except (OSError, IndexError):  # no /proc (not Linux): trust the signal test
+        return True
 
 
 def shared_columns(
@@ -596,7 +606,8 @@ def _fork_and_collect(
             pids = [pid for pid, _ in children]
             threading.Thread(target=_reap, args=(pids,), daemon=True).start()
         stages = None  # its arrays view the board's memory, which cannot close under them
-        board.close()
+        with contextlib.suppress(BufferError):  # still viewed (a traceback keeps a frame):
+            board.close()  # unmapped once the last view goes
     if any(outcome is None for outcome in outcomes):
         return None
     complete = [outcome for outcome in outcomes if outcome is not None]
@@ -660,7 +671,7 @@ def attack_each(
             try:
                 return staged.first(items[index])
             except EngineError as exc:
-                return exc
+                return exc.with_traceback(None)  # a result now: its frames need not live on
 
         def second(index: int, state: object) -> R | EngineError:
             if isinstance(state, EngineError):
@@ -668,7 +679,7 @@ def attack_each(
             try:
                 return staged.second(items[index], state)
             except EngineError as exc:
-                return exc
+                return exc.with_traceback(None)
 
         spread = map_in_workers(first, len(items), workers, second)
         if spread is not None:
@@ -681,7 +692,7 @@ def attack_each(
         try:
             return single(items[index])
         except EngineError as exc:
-            return exc
+            return exc.with_traceback(None)
 
     spread_one = map_in_workers(one, len(items), workers)
     return spread_one if spread_one is not None else [one(i) for i in range(len(items))]

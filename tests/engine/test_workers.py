@@ -20,9 +20,11 @@ from fl_attack.engine import (
     available_cores,
     reconstruct_many,
     single_sample_gradients,
+    workers,
 )
 from fl_attack.engine.shared import clear_weight_cache
 from fl_attack.engine.workers import (
+    Staged,
     _Board,
     _shared_blocks,
     attack_each,
@@ -188,8 +190,8 @@ def test_an_error_here_stops_the_forked_workers_and_propagates() -> None:
 
 
 def test_results_come_back_in_client_order() -> None:
-    for count, workers in ((2, 2), (5, 2), (7, 3), (64, 2)):
-        assert map_in_workers(lambda i: i * i, count, workers) == [i * i for i in range(count)]
+    for count, processes in ((2, 2), (5, 2), (7, 3), (64, 2)):
+        assert map_in_workers(lambda i: i * i, count, processes) == [i * i for i in range(count)]
 
 
 def test_workers_below_one_are_refused() -> None:
@@ -325,3 +327,121 @@ def test_a_full_board_falls_back_to_computing_here() -> None:
         assert _shared_blocks(board, b"a" * 16, _block_values(100), [], 100, 100) is None
     finally:
         board.close()
+
+
+def _first(index: int) -> tuple[int, int, float]:
+    time.sleep(0.3 if index == 3 else 0.005)  # client 3's first stage is slow
+    return index * index, os.getpid(), time.perf_counter()
+
+
+def _second(index: int, state: tuple[int, int, float]) -> tuple[int, int, float, int, float]:
+    started = time.perf_counter()
+    time.sleep(0.01)
+    square, first_pid, first_start = state
+    return square + index, first_pid, first_start, os.getpid(), started
+
+
+def test_two_stages_give_second_of_first_in_client_order() -> None:
+    # Execute
+    seen = map_in_workers(_first, 30, 2, _second)
+    # Assert: every client's second stage got its own first stage's result.
+    assert seen is not None
+    assert [value for value, *_ in seen] == [i * i + i for i in range(30)]
+
+
+def test_second_stages_start_after_every_first_stage_has_started() -> None:
+    seen = map_in_workers(_first, 30, 2, _second)
+    assert seen is not None
+    last_first = max(first_start for _, _, first_start, _, _ in seen)
+    # (a first stage's start is stamped when it ends: the bound holds a fortiori)
+    assert last_first <= min(second_start for *_, second_start in seen) + 0.3
+
+
+def test_a_slow_first_stage_leaves_the_second_stages_to_the_other_worker() -> None:
+    # Execute: client 3's first stage takes 0.3 s, every other stage 5-10 ms.
+    seen = map_in_workers(_first, 30, 2, _second)
+    # Assert: the other worker took most second stages meanwhile, including others'
+    # first stages' results (handed over), so neither finished far behind the other.
+    assert seen is not None
+    slow = seen[3][1]
+    by_slow = sum(1 for *_, second_pid, _ in seen if second_pid == slow)
+    assert by_slow < 30 - by_slow
+    assert any(first_pid != second_pid for _, first_pid, _, second_pid, _ in seen)
+
+
+def test_a_full_board_runs_each_second_stage_where_its_first_ran(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: room for the records, none for the first stages' results (8 KiB each).
+    monkeypatch.setattr(workers, "_BOARD_BYTES", 8192)
+
+    def first(index: int) -> tuple[bytes, int]:
+        return bytes(8192), os.getpid()
+
+    def second(index: int, state: tuple[bytes, int]) -> tuple[int, int]:
+        return state[1], os.getpid()
+
+    # Execute
+    seen = map_in_workers(first, 12, 2, second)
+    # Assert: all there, each finished by the worker that began it.
+    assert seen is not None and len(seen) == 12
+    assert all(first_pid == second_pid for first_pid, second_pid in seen)
+
+
+def test_a_worker_dying_in_a_first_stage_sends_the_round_back(tmp_path: Path) -> None:
+    parent = os.getpid()
+
+    def first(index: int) -> int:
+        _meet(tmp_path / "met")
+        if os.getpid() != parent:
+            os._exit(3)
+        return index
+
+    with pytest.warns(RuntimeWarning, match="running in this process instead"):
+        assert map_in_workers(first, 6, 2, lambda i, s: s) is None
+
+
+def test_an_error_in_a_second_stage_propagates() -> None:
+    def second(index: int, state: int) -> int:
+        if index == 5:
+            raise RuntimeError("a bug in the second stage")
+        return state
+
+    with pytest.raises(RuntimeError, match="a bug in the second stage"):
+        map_in_workers(lambda i: i, 8, 2, second)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_staged_engine_errors_take_their_clients_place(workers: int) -> None:
+    def first(value: int) -> int:
+        if value == -1:
+            raise ReconstructionError("no first stage for -1")
+        return value * 10
+
+    def second(value: int, state: int) -> int:
+        if value == -2:
+            raise ReconstructionError("no second stage for -2")
+        return state + 1
+
+    results = attack_each(Staged(first, second), [1, -1, 2, -2], workers)
+    assert results[0] == 11 and results[2] == 21
+    assert isinstance(results[1], ReconstructionError) and "-1" in str(results[1])
+    assert isinstance(results[3], ReconstructionError) and "-2" in str(results[3])
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_a_worker_that_exited_but_was_not_reaped_counts_as_dead() -> None:
+    # Prepare: a child that exits at once and stays a zombie until reaped.
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        deadline = time.monotonic() + 30.0
+        while workers._alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        # Assert: dead, although a signal test still finds it (not yet reaped).
+        assert not workers._alive(pid)
+        os.kill(pid, 0)
+    finally:
+        os.waitpid(pid, 0)
+    assert workers._alive(os.getpid())
