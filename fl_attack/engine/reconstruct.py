@@ -280,6 +280,7 @@ class _Partial:
 
     signal: Signal | None  # None if the first layer is the only one
     diagnostics: tuple[LayerDiagnostics, ...]
+    named: dict[str, torch.Tensor]  # the client's gradients by parameter name, checked
     options: SolveOptions
     seconds: float
 
@@ -294,7 +295,7 @@ def _reconstruct_checked(
 ) -> Reconstruction:
     """:func:`reconstruct` of a model that :func:`check` has passed for ``shape``."""
     partial = _upper_layers(model, gradients, shape, options, input_floor, start)
-    return _first_layer(model, gradients, shape, input_floor, partial, time.perf_counter())
+    return _first_layer(model, shape, input_floor, partial, time.perf_counter())
 
 
 def _upper_layers(
@@ -313,20 +314,19 @@ def _upper_layers(
         options = SolveOptions.for_dtype(worst)
     chain, _ = layer_chain(model)
     signal, diagnostics = _invert(chain, named, shape, options, input_floor, None, [], 1)
-    return _Partial(signal, tuple(diagnostics), options, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return _Partial(signal, tuple(diagnostics), dict(named), options, seconds)
 
 
 def _first_layer(
     model: nn.Module,
-    gradients: Gradients,
     shape: Shape,
     input_floor: float | None,
     partial: _Partial,
     start: float,
 ) -> Reconstruction:
     """The first layer below :func:`_upper_layers`' result, then the label and evidence."""
-    named = named_gradients(model, gradients)
-    options = partial.options
+    named, options = partial.named, partial.options
     chain, _ = layer_chain(model)
     signal, diagnostics = _invert(
         chain, named, shape, options, input_floor, partial.signal, list(partial.diagnostics), 0
@@ -422,7 +422,7 @@ def reconstruct_many(
         return _upper_layers(model, grads, shape, options, input_floor, time.perf_counter())
 
     def first(grads: Gradients, partial: _Partial) -> Reconstruction:
-        return _first_layer(model, grads, shape, input_floor, partial, time.perf_counter())
+        return _first_layer(model, shape, input_floor, partial, time.perf_counter())
 
     # Per-weight work (e.g. a conv layer's factorisation) is cached by the weights' digest
     # (fl_attack.engine.shared), so the first client of a process pays for it.

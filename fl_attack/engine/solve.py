@@ -762,6 +762,7 @@ def solve_deflated(
     k_scale: float,
     rank_rtol: float,
     free_rows: torch.Tensor | None = None,
+    other_on_basis: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Least squares of ``[K / k_scale; A] z = [target / k_scale; other_rhs]`` near ``K^-1 target``.
 
@@ -790,6 +791,8 @@ def solve_deflated(
         The small system must be better conditioned than ``1 / rank_rtol``.
     free_rows : torch.Tensor, optional
         Indices of rows of ``K`` whose right-hand side is unknown.
+    other_on_basis : torch.Tensor, optional
+        ``apply_other(factor.basis)``, when the caller has a faster way to it.
 
     Returns
     -------
@@ -829,7 +832,8 @@ def solve_deflated(
             [torch.cat([gram, cross], dim=1), torch.cat([cross.T, -(coef.T @ cross)], dim=1)]
         )
         basis = torch.cat([basis, reach], dim=1)
-    av = apply_other(basis)
+    on_basis = apply_other(factor.basis) if other_on_basis is None else other_on_basis
+    av = torch.cat([on_basis, apply_other(reach)], dim=1) if m else on_basis
     resid = other_rhs - apply_other(z0.unsqueeze(1)).squeeze(1)
     chol = well_posed_cholesky(gram + normal_matrix(av), rank_rtol)
     if chol is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -267,6 +269,50 @@ def test_factored_solve_orders_each_geometry_once(monkeypatch: pytest.MonkeyPatc
     # Assert: the first weights found the order, the second reused it.
     assert orders[0] is None
     assert orders[1] is not None and sorted(orders[1].tolist()) == list(range(3072))
+
+
+def _settle_one_filter_at_a_time(
+    grad: torch.Tensor, alt: torch.Tensor, uncertain: torch.Tensor, d_bias: torch.Tensor
+) -> torch.Tensor:
+    """The plain statement of settle_by_bias: per filter, the best of its 2**k choices."""
+    out = grad.clone().reshape(grad.shape[0], -1)
+    flat_alt, flat_unc = alt.reshape(grad.shape[0], -1), uncertain.reshape(grad.shape[0], -1)
+    for f in range(grad.shape[0]):
+        idx = torch.nonzero(flat_unc[f]).flatten().tolist()
+        if not idx or len(idx) > conv2d._MAX_ENUMERATED:
+            continue
+        best, best_error = None, math.inf
+        for choice in range(2 ** len(idx)):
+            trial = out[f].clone()
+            for bit, unit in enumerate(idx):
+                if choice >> bit & 1:
+                    trial[unit] = flat_alt[f, unit]
+            error = abs(float(trial.sum() - d_bias[f]))
+            if error < best_error:
+                best, best_error = trial, error
+        out[f] = best
+    return out.reshape(grad.shape)
+
+
+def test_settling_close_calls_by_bias_picks_each_filters_best_choice() -> None:
+    # Prepare: 9 filters with 0-4 close calls, one filter with more than can be enumerated
+    # (left as it is); the bias gradient is one choice per filter.
+    gen = torch.Generator().manual_seed(5)
+    grad = torch.randn(10, 4, 4, dtype=torch.float64, generator=gen)
+    alt = torch.zeros_like(grad)
+    uncertain = torch.zeros_like(grad, dtype=torch.bool)
+    for f, k in enumerate([0, 1, 2, 3, 4, 2, 3, 1, 4, 15]):
+        uncertain.view(10, -1)[f, torch.randperm(16, generator=gen)[:k]] = True
+    truth = torch.where(uncertain & (torch.rand(grad.shape, generator=gen) < 0.5), alt, grad)
+    d_bias = truth.sum(dim=(1, 2))
+    # Execute
+    settled, resolved, unresolved = conv2d.settle_by_bias(grad, alt, uncertain, d_bias)
+    # Assert: the plain enumeration's answer; the true gradients where they are unique.
+    torch.testing.assert_close(
+        settled, _settle_one_filter_at_a_time(grad, alt, uncertain, d_bias), rtol=0, atol=0
+    )
+    torch.testing.assert_close(settled[:9], truth[:9], rtol=0, atol=1e-12)
+    assert (resolved, unresolved) == (20, 15)
 
 
 def test_leaky_relu_close_calls_keep_their_value_only_when_it_is_sound() -> None:

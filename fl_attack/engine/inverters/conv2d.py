@@ -546,6 +546,14 @@ def _solve_factored(client: _Client) -> torch.Tensor | None:
             out[:, r] = torch.matmul(sub, per_channel.index_select(1, cols))
         return out.reshape(-1, x.shape[1])
 
+    # The same on the shared basis, whose rows are kept sorted by pixel phase (once per
+    # weights): each block then reads a contiguous slice instead of gathering a copy.
+    by_phase, where = cached((full, "by-phase"), lambda: _by_phase(factor.basis, client))
+    on_basis = torch.empty(c, g.shape[0], factor.basis.shape[1], dtype=factor.basis.dtype)
+    for r, cols, sub in blocks:
+        start = int(where[cols[0]])
+        on_basis[:, r] = torch.matmul(sub, by_phase[:, start : start + cols.numel()])
+
     return solve_deflated(
         factor,
         client.target,
@@ -554,7 +562,17 @@ def _solve_factored(client: _Client) -> torch.Tensor | None:
         k_scale=client.rms,
         rank_rtol=client.options.rank_rtol,
         free_rows=client.free,
+        other_on_basis=on_basis.reshape(-1, factor.basis.shape[1]),
     )
+
+
+def _by_phase(basis: torch.Tensor, client: _Client) -> tuple[torch.Tensor, torch.Tensor]:
+    """The basis as (c, hw, k) with pixels sorted by phase, and each pixel's new position."""
+    c, h, w = client.input_shape
+    order = torch.cat([cols for _, cols in _all_row_blocks(client.geometry[1])])
+    where = torch.empty(h * w, dtype=torch.long)
+    where[order] = torch.arange(order.numel())
+    return basis.reshape(c, h * w, -1).index_select(1, order).contiguous(), where
 
 
 def _solve_gradient_first(client: _Client, gram: torch.Tensor) -> torch.Tensor | None:
@@ -675,7 +693,8 @@ def _gram(g: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor]]) -> t
     out = torch.zeros(g.shape[1], g.shape[1], dtype=g.dtype)
     for rows, cols in blocks:
         sub = submatrix(g, rows, cols)
-        out[cols.unsqueeze(1), cols.unsqueeze(0)] += sub.T @ sub
+        # Each phase has its own pixels: the blocks are disjoint, set rather than added.
+        out[cols.unsqueeze(1), cols.unsqueeze(0)] = sub.T @ sub
     return out
 
 
