@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import math
+import pickle
 
 import pytest
 import torch
@@ -22,6 +25,9 @@ from fl_attack.engine import (
 from fl_attack.engine.inverters import conv2d
 from fl_attack.engine.shared import clear_weight_cache
 from fl_attack.models import build_model
+
+# The module (the package exports a function of the same name).
+reconstruct_module = importlib.import_module("fl_attack.engine.reconstruct")
 
 
 @pytest.fixture(autouse=True)
@@ -227,3 +233,26 @@ def test_reconstruct_many_equals_one_at_a_time_and_builds_weight_work_once(
     # Each layer solved with weight constraints had its weight matrix built once for all.
     assert calls
     assert len(calls) == len(set(calls))
+
+
+def test_a_clients_first_stage_survives_the_hand_over_between_workers() -> None:
+    # Prepare: a client's inversion down to the first layer, as a round's first stage.
+    model = build_model("rconv-main", activation="ReLU", in_channels=1, num_classes=10, seed=14)
+    x = torch.rand(1, 32, 32, generator=torch.Generator().manual_seed(8))
+    grads = single_sample_gradients(model, x, 3)
+    partial = reconstruct_module._upper_layers(model, grads, (1, 32, 32), None, None, 0.0)
+    # Execute: through a pickle, as it travels to whichever worker is free
+    copy = pickle.loads(pickle.dumps(partial))
+    # Assert: every tensor of the signal intact (the missing ones still missing), the rest
+    # equal, and the second stage gives the same image from either.
+    assert partial.signal is not None and copy.signal is not None
+    for field in dataclasses.fields(partial.signal):
+        mine, theirs = getattr(partial.signal, field.name), getattr(copy.signal, field.name)
+        if mine is None:
+            assert theirs is None
+        else:
+            torch.testing.assert_close(theirs, mine, rtol=0, atol=0)
+    assert copy.diagnostics == partial.diagnostics and copy.options == partial.options
+    here = reconstruct_module._first_layer(model, grads, (1, 32, 32), None, partial, 0.0)
+    there = reconstruct_module._first_layer(model, grads, (1, 32, 32), None, copy, 0.0)
+    torch.testing.assert_close(there.image, here.image, rtol=0, atol=0)
