@@ -151,13 +151,13 @@ class _Board:
 class _Stages:
     """Hand-over of first-stage results between a round's workers (see :class:`Staged`).
 
-    One record per index in the board: its state (pending, ready, taken), the pid running
-    its first stage, and where its pickled first-stage result lies. Also the pids of every
-    worker, so that a worker waiting for a first stage can tell that its runner died.
+    One record per index in the board: its state (pending, ready, taken) and where its
+    pickled first-stage result lies. Also the pids of every worker, so that a worker
+    waiting for a first stage can tell that the others died.
     """
 
     PENDING, READY, TAKEN = 0, 1, 2
-    _FIELDS = 4  # state, first-stage pid, offset, length
+    _FIELDS = 3  # state, offset, length
 
     def __init__(self, board: _Board, count: int, workers: int) -> None:
         """Made before the fork; raises MemoryError if the board cannot hold the records."""
@@ -165,15 +165,11 @@ class _Stages:
         if offset is None:
             raise MemoryError("the board has no room for the stages' records")
         self.board = board
-        self.records = np.frombuffer(board.memory, np.int64, self._FIELDS * count, offset)
-        self.records = self.records.reshape(count, self._FIELDS)
-        self.pids = np.frombuffer(
-            board.memory, np.int64, workers, offset + 8 * self._FIELDS * count
-        )
-
-    def begin(self, index: int) -> None:
-        """This worker runs ``index``'s first stage."""
-        self.records[index, 1] = os.getpid()
+        size = self._FIELDS * count
+        self.records = np.frombuffer(board.memory, np.int64, size, offset).reshape(count, -1)
+        # This process's pid first; the children's as they are forked.
+        self.pids = np.frombuffer(board.memory, np.int64, workers, offset + 8 * size)
+        self.pids[0] = os.getpid()
 
     def put(self, index: int, state: object) -> bool:
         """Leave ``index``'s first-stage result for any worker; False if the board is full.
@@ -190,7 +186,7 @@ class _Stages:
         board.memory[offset : offset + len(data)] = data
         # Published under the lock, after the data: a reader that sees READY sees the data.
         with board.held():
-            self.records[index, 2:] = (offset, len(data))
+            self.records[index, 1:] = (offset, len(data))
             self.records[index, 0] = self.READY
         return True
 
@@ -201,6 +197,7 @@ class _Stages:
         """
         records, board = self.records, self.board
         while True:
+            data = None
             with board.held() as locked:
                 if not locked:
                     return None
@@ -208,11 +205,12 @@ class _Stages:
                 if ready.size:
                     index = int(ready[0])
                     records[index, 0] = self.TAKEN
-                    offset, length = (int(v) for v in records[index, 2:])
-                    data = board.memory[offset : offset + length]
-                    return index, pickle.loads(data)
-                if not (records[:, 0] == self.PENDING).any():
+                    offset, length = (int(v) for v in records[index, 1:])
+                    data = board.memory[offset : offset + length]  # a copy
+                elif not (records[:, 0] == self.PENDING).any():
                     return None
+            if data is not None:
+                return index, pickle.loads(data)
             if any(pid and not _alive(int(pid)) for pid in self.pids):
                 return None
             time.sleep(1e-4)
@@ -367,7 +365,6 @@ def _work(
         if second is None or stages is None:
             done.append((index, job(index)))
             continue
-        stages.begin(index)
         state = job(index)
         if not stages.put(index, state):  # no room to hand it over: finish it here
             done.append((index, second(index, state)))
