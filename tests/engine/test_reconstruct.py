@@ -253,6 +253,9 @@ def test_a_clients_first_stage_survives_the_hand_over_between_workers() -> None:
         else:
             torch.testing.assert_close(theirs, mine, rtol=0, atol=0)
     assert copy.diagnostics == partial.diagnostics and copy.options == partial.options
-    here = reconstruct_module._first_layer(model, grads, (1, 32, 32), None, partial, 0.0)
-    there = reconstruct_module._first_layer(model, grads, (1, 32, 32), None, copy, 0.0)
+    assert copy.named.keys() == partial.named.keys()
+    for name, grad in partial.named.items():
+        torch.testing.assert_close(copy.named[name], grad, rtol=0, atol=0)
+    here = reconstruct_module._first_layer(model, (1, 32, 32), None, partial, 0.0)
+    there = reconstruct_module._first_layer(model, (1, 32, 32), None, copy, 0.0)
     torch.testing.assert_close(there.image, here.image, rtol=0, atol=0)
