@@ -268,7 +268,8 @@ def reconstruct(
     problems = check(model, shape)
     if problems:
         raise UnsupportedLayerError(problems)
-    return _reconstruct_checked(model, gradients, shape, options, input_floor, start)
+    partial = _upper_layers(model, gradients, shape, options, input_floor, start)
+    return _first_layer(model, shape, input_floor, partial, time.perf_counter())
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,19 +318,6 @@ def _restore_partial(
     """A :class:`_Partial` from its pickled parts."""
     signal = None if fields is None else Signal(**_tensors(fields))  # type: ignore[arg-type]
     return _Partial(signal, diagnostics, _tensors(named), options, seconds)  # type: ignore[arg-type]
-
-
-def _reconstruct_checked(
-    model: nn.Module,
-    gradients: Gradients,
-    shape: Shape,
-    options: SolveOptions | None,
-    input_floor: float | None,
-    start: float,
-) -> Reconstruction:
-    """:func:`reconstruct` of a model that :func:`check` has passed for ``shape``."""
-    partial = _upper_layers(model, gradients, shape, options, input_floor, start)
-    return _first_layer(model, shape, input_floor, partial, time.perf_counter())
 
 
 def _upper_layers(
