@@ -268,8 +268,23 @@ def reconstruct(
     problems = check(model, shape)
     if problems:
         raise UnsupportedLayerError(problems)
-    partial = _upper_layers(model, gradients, shape, options, input_floor, start)
-    return _first_layer(model, shape, input_floor, partial, time.perf_counter())
+    route = _Route.of(model, shape)
+    partial = _upper_layers(route, gradients, options, input_floor, start)
+    return _first_layer(route, input_floor, partial, time.perf_counter())
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """A checked model's layers in order and each one's input shape: worked out once a round."""
+
+    model: nn.Module
+    chain: list[tuple[str, nn.Module]]
+    shapes: list[Shape]  # every layer's input shape, then the output's
+
+    @classmethod
+    def of(cls, model: nn.Module, shape: Shape) -> _Route:
+        chain, _ = layer_chain(model)
+        return cls(model, chain, _shapes(chain, shape))
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,45 +336,38 @@ def _restore_partial(
 
 
 def _upper_layers(
-    model: nn.Module,
+    route: _Route,
     gradients: Gradients,
-    shape: Shape,
     options: SolveOptions | None,
     input_floor: float | None,
     start: float,
 ) -> _Partial:
     """Every layer but the first, from the output down (the model has passed :func:`check`)."""
-    named = named_gradients(model, gradients)
+    named = named_gradients(route.model, gradients)
     if options is None:
         dtypes = {g.dtype for g in named.values()}
         worst = min(dtypes, key=lambda d: torch.finfo(d).bits)
         options = SolveOptions.for_dtype(worst)
-    chain, _ = layer_chain(model)
-    signal, diagnostics = _invert(chain, named, shape, options, input_floor, None, [], 1)
+    signal, diagnostics = _invert(route, named, options, input_floor, None, [], 1)
     seconds = time.perf_counter() - start
     return _Partial(signal, tuple(diagnostics), dict(named), options, seconds)
 
 
 def _first_layer(
-    model: nn.Module,
-    shape: Shape,
-    input_floor: float | None,
-    partial: _Partial,
-    start: float,
+    route: _Route, input_floor: float | None, partial: _Partial, start: float
 ) -> Reconstruction:
     """The first layer below :func:`_upper_layers`' result, then the label and evidence."""
     named, options = partial.named, partial.options
-    chain, _ = layer_chain(model)
     signal, diagnostics = _invert(
-        chain, named, shape, options, input_floor, partial.signal, list(partial.diagnostics), 0
+        route, named, options, input_floor, partial.signal, list(partial.diagnostics), 0
     )
     assert signal is not None
-    last_bias = named[_prefix(chain[-1][0]) + "bias"]
+    last_bias = named[_prefix(route.chain[-1][0]) + "bias"]
     label = int(last_bias.argmin())
     warnings, notes = _findings(diagnostics, last_bias, options)
-    image = signal.value.reshape(shape)
+    image = signal.value.reshape(route.shapes[0])
     # Was this one sample's gradient at all? (noise, a batch, several steps: estimate only)
-    evidence = gather_evidence(model, named, image, label, tuple(diagnostics), options)
+    evidence = gather_evidence(route.model, named, image, label, tuple(diagnostics), options)
     return Reconstruction(
         image=image,
         label=label,
@@ -376,9 +384,8 @@ def _prefix(name: str) -> str:
 
 
 def _invert(
-    chain: list[tuple[str, nn.Module]],
+    route: _Route,
     named: Mapping[str, torch.Tensor],
-    shape: Shape,
     options: SolveOptions,
     input_floor: float | None,
     signal: Signal | None,
@@ -386,7 +393,7 @@ def _invert(
     lowest: int,
 ) -> tuple[Signal | None, list[LayerDiagnostics]]:
     """Invert the chain's layers from the one above ``signal`` down to index ``lowest``."""
-    shapes = _shapes(chain, shape)
+    chain, shapes = route.chain, route.shapes
     top = len(chain) - 1 - len(diagnostics)
     with torch.no_grad():
         for index in range(top, lowest - 1, -1):
@@ -436,16 +443,19 @@ def reconstruct_many(
         error in place of a result, so one bad update does not stop the round.
     """
     shape: Shape = tuple(int(s) for s in input_shape)
-    problems = check(model, shape)  # once for the round: every client has the same model
+    # Once for the round: every client has the same model.
+    problems = check(model, shape)
+    route = None if problems else _Route.of(model, shape)
 
     def upper(grads: Gradients) -> _Partial:
-        if problems:
+        if route is None:
             raise UnsupportedLayerError(problems)
-        return _upper_layers(model, grads, shape, options, input_floor, time.perf_counter())
+        return _upper_layers(route, grads, options, input_floor, time.perf_counter())
 
     def first(grads: Gradients, partial: _Partial) -> Reconstruction:
         del grads  # checked and carried in the partial
-        return _first_layer(model, shape, input_floor, partial, time.perf_counter())
+        assert route is not None  # the first stage raised otherwise
+        return _first_layer(route, input_floor, partial, time.perf_counter())
 
     # Per-weight work (e.g. a conv layer's factorisation) is cached by the weights' digest
     # (fl_attack.engine.shared), so the first client of a process pays for it.

@@ -386,11 +386,12 @@ def _lost_directions(
     n = normal.shape[0]
     width = expected + _LOST_OVERSAMPLING
     found = None
-    vectors = known() if 4 * width <= n and known is not None else None
-    if vectors is not None:
-        found = _ritz_pairs(normal, vectors, cutoff)
-    if 4 * width <= n and found is None:
-        found = _lost_by_iteration(normal, cutoff, width)
+    if 4 * width <= n:
+        vectors = known() if known is not None else None
+        if vectors is not None:
+            found = _ritz_pairs(normal, vectors, cutoff)
+        if found is None:
+            found = _lost_by_iteration(normal, cutoff, width)
     if found is None:
         found = _eigen_spectrum(normal, cutoff)
     k = found.values.numel()

@@ -665,31 +665,26 @@ def attack_each(
         staged = attack_one
 
         def first(index: int) -> object:
-            try:
-                return staged.first(items[index])
-            except EngineError as exc:
-                return exc.with_traceback(None)  # a result now: its frames need not live on
+            return _or_error(staged.first, items[index])
 
         def second(index: int, state: object) -> R | EngineError:
             if isinstance(state, EngineError):
                 return state
-            try:
-                return staged.second(items[index], state)
-            except EngineError as exc:
-                return exc.with_traceback(None)
+            return _or_error(staged.second, items[index], state)
 
         spread = map_in_workers(first, len(items), workers, second)
-        if spread is not None:
-            return spread
-        return [second(i, first(i)) for i in range(len(items))]
-
-    single = attack_one
+        return spread if spread is not None else [second(i, first(i)) for i in range(len(items))]
 
     def one(index: int) -> R | EngineError:
-        try:
-            return single(items[index])
-        except EngineError as exc:
-            return exc.with_traceback(None)
+        return _or_error(attack_one, items[index])
 
     spread_one = map_in_workers(one, len(items), workers)
     return spread_one if spread_one is not None else [one(i) for i in range(len(items))]
+
+
+def _or_error(call: Callable[..., R], *args: object) -> R | EngineError:
+    """``call(*args)``, or the :class:`EngineError` it raised, as a result."""
+    try:
+        return call(*args)
+    except EngineError as exc:
+        return exc.with_traceback(None)  # a result now: its frames need not live on

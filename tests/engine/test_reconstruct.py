@@ -240,7 +240,8 @@ def test_a_clients_first_stage_survives_the_hand_over_between_workers() -> None:
     model = build_model("rconv-main", activation="ReLU", in_channels=1, num_classes=10, seed=14)
     x = torch.rand(1, 32, 32, generator=torch.Generator().manual_seed(8))
     grads = single_sample_gradients(model, x, 3)
-    partial = reconstruct_module._upper_layers(model, grads, (1, 32, 32), None, None, 0.0)
+    route = reconstruct_module._Route.of(model, (1, 32, 32))
+    partial = reconstruct_module._upper_layers(route, grads, None, None, 0.0)
     # Execute: through a pickle, as it travels to whichever worker is free
     copy = pickle.loads(pickle.dumps(partial))
     # Assert: every tensor of the signal intact (the missing ones still missing), the rest
@@ -256,6 +257,6 @@ def test_a_clients_first_stage_survives_the_hand_over_between_workers() -> None:
     assert copy.named.keys() == partial.named.keys()
     for name, grad in partial.named.items():
         torch.testing.assert_close(copy.named[name], grad, rtol=0, atol=0)
-    here = reconstruct_module._first_layer(model, (1, 32, 32), None, partial, 0.0)
-    there = reconstruct_module._first_layer(model, (1, 32, 32), None, copy, 0.0)
+    here = reconstruct_module._first_layer(route, None, partial, 0.0)
+    there = reconstruct_module._first_layer(route, None, copy, 0.0)
     torch.testing.assert_close(there.image, here.image, rtol=0, atol=0)

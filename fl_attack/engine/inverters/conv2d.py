@@ -537,22 +537,25 @@ def _solve_factored(client: _Client) -> torch.Tensor | None:
         _column_orders[client.geometry] = factor.lu.eliminated
     blocks = [(r, cols, submatrix(g, r, cols)) for r, cols in client.blocks]
 
-    def apply_gradient_rows(x: torch.Tensor) -> torch.Tensor:
-        # (c*hw, m) -> (c*rows, m): the same row matrix g acts on every channel, one block
-        # of rows (and the only columns they touch) at a time.
-        per_channel = x.reshape(c, hw, -1)
-        out = torch.empty(c, g.shape[0], x.shape[1], dtype=x.dtype)
+    def rows_on(take: Callable[[torch.Tensor], torch.Tensor], m: int) -> torch.Tensor:
+        # (c*rows, m): the same row matrix g acts on every channel, one block of rows at a
+        # time, on the only columns it touches (take(cols): (c, len(cols), m)).
+        out = torch.empty(c, g.shape[0], m, dtype=torch.float64)
         for r, cols, sub in blocks:
-            out[:, r] = torch.matmul(sub, per_channel.index_select(1, cols))
-        return out.reshape(-1, x.shape[1])
+            out[:, r] = torch.matmul(sub, take(cols))
+        return out.reshape(-1, m)
 
-    # The same on the shared basis, whose rows are kept sorted by pixel phase (once per
-    # weights): each block then reads a contiguous slice instead of gathering a copy.
+    def apply_gradient_rows(x: torch.Tensor) -> torch.Tensor:
+        per_channel = x.reshape(c, hw, -1)
+        return rows_on(lambda cols: per_channel.index_select(1, cols), x.shape[1])
+
+    # The shared basis's rows are kept sorted by pixel phase (once per weights): each block
+    # reads a contiguous slice of it instead of gathering a copy.
     by_phase, where = cached((full, "by-phase"), lambda: _by_phase(factor.basis, client))
-    on_basis = torch.empty(c, g.shape[0], factor.basis.shape[1], dtype=factor.basis.dtype)
-    for r, cols, sub in blocks:
+
+    def phase_slice(cols: torch.Tensor) -> torch.Tensor:
         start = int(where[cols[0]])
-        on_basis[:, r] = torch.matmul(sub, by_phase[:, start : start + cols.numel()])
+        return by_phase[:, start : start + cols.numel()]
 
     return solve_deflated(
         factor,
@@ -562,7 +565,7 @@ def _solve_factored(client: _Client) -> torch.Tensor | None:
         k_scale=client.rms,
         rank_rtol=client.options.rank_rtol,
         free_rows=client.free,
-        other_on_basis=on_basis.reshape(-1, factor.basis.shape[1]),
+        other_on_basis=rows_on(phase_slice, factor.basis.shape[1]),
     )
 
 
