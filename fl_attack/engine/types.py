@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -97,6 +98,10 @@ class Signal:
         output at noise level); the layer below settles them against its bias gradient.
     grad_alt : torch.Tensor or None
         The gradient those entries would have had under the other decision.
+    value_alt : torch.Tensor or None
+        The value under the other decision where that decision is the only doubt about an
+        entry's value (``known`` is False there; NaN elsewhere): once the layer below has
+        settled the decision (see ``settle_by_bias``), that entry is known again.
     """
 
     value: torch.Tensor
@@ -104,6 +109,7 @@ class Signal:
     grad: torch.Tensor
     uncertain: torch.Tensor | None = None
     grad_alt: torch.Tensor | None = None
+    value_alt: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +145,9 @@ class LayerDiagnostics:
         Ambiguous units of the layer above settled by matching this layer's bias gradient.
     unresolved_units : int
         Ambiguous units that the bias gradient could not settle (too many, or no match).
+    pinned_units : int
+        Settled units of the layer above whose value, unknown until their decision was
+        settled, then served as a weight constraint (the match stood clear of the others).
     """
 
     name: str
@@ -154,6 +163,7 @@ class LayerDiagnostics:
     ambiguous_units: int = 0
     resolved_units: int = 0
     unresolved_units: int = 0
+    pinned_units: int = 0
 
     @property
     def rank_deficient(self) -> bool:
@@ -198,3 +208,15 @@ class Reconstruction:
     def exact(self) -> bool:
         """True when no layer lost information (no warnings)."""
         return not self.warnings
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Results travel back from a round's worker processes: the image as a numpy array
+        # pickles in half the time of a tensor and loads in 40 % of it.
+        image = self.image.detach().cpu().numpy()
+        parts = (image, self.label, self.layers, self.seconds, self.warnings, self.notes)
+        return (_restore_reconstruction, (*parts, self.evidence))
+
+
+def _restore_reconstruction(image: np.ndarray, *rest: object) -> Reconstruction:
+    """A :class:`Reconstruction` from its pickled parts."""
+    return Reconstruction(torch.from_numpy(image), *rest)  # type: ignore[arg-type]

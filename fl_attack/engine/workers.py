@@ -148,22 +148,26 @@ class _Board:
         return self._HEAD.size + index * self._RECORD.size
 
 
-class _Stages:
-    """Hand-over of first-stage results between a round's workers (see :class:`Staged`).
+class _Exchange:
+    """Results handed over between a round's workers, through the board.
 
-    One record per index in the board: its state (pending, ready, taken) and where its
-    pickled first-stage result lies. Also the pids of every worker, so that a worker
-    waiting for a first stage can tell that the others died.
+    One record per index: its state and where its pickled result lies. A first stage's
+    result (see :class:`Staged`) waits there, ready, for whichever worker takes its second
+    stage; a forked worker's final result waits there, delivered, for this process. Sent
+    as it is made, a result costs the round nothing at its end, where one pickle of all of
+    them through a pipe kept this process waiting (rconv-main: ~15 ms a round). Also the
+    pids of every worker, so that a worker waiting for a first stage can tell that the
+    others died.
     """
 
-    PENDING, READY, TAKEN = 0, 1, 2
+    PENDING, READY, TAKEN, DELIVERED = 0, 1, 2, 3
     _FIELDS = 3  # state, offset, length
 
     def __init__(self, board: _Board, count: int, workers: int) -> None:
         """Made before the fork; raises MemoryError if the board cannot hold the records."""
         offset = board.allocate(8 * (self._FIELDS * count + workers))
         if offset is None:
-            raise MemoryError("the board has no room for the stages' records")
+            raise MemoryError("the board has no room for the hand-over's records")
         self.board = board
         size = self._FIELDS * count
         self.records = np.frombuffer(board.memory, np.int64, size, offset).reshape(count, -1)
@@ -176,18 +180,39 @@ class _Stages:
 
         On False the caller runs the second stage itself (it is marked taken).
         """
-        data = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+        if not self._leave(index, state, self.READY):
+            with self.board.held():
+                self.records[index, 0] = self.TAKEN
+            return False
+        return True
+
+    def deliver(self, index: int, result: object) -> bool:
+        """Leave ``index``'s final result for this process; False if the board is full."""
+        return self._leave(index, result, self.DELIVERED)
+
+    def delivered(self) -> list[tuple[int, object]]:
+        """Every delivered result, by index (read once the workers are done)."""
+        where = np.flatnonzero(self.records[:, 0] == self.DELIVERED)
+        spans = [(int(i), *(int(v) for v in self.records[i, 1:])) for i in where]
+        memory = self.board.memory
+        return [(i, pickle.loads(memory[start : start + n])) for i, start, n in spans]
+
+    def _leave(self, index: int, value: object, state: int) -> bool:
+        """Pickle ``value`` into the board and publish it as ``index``'s, in ``state``."""
+        try:
+            data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # raised where it was made, like an error of the job
+            raise RuntimeError(f"a worker's result does not pickle: {exc}") from exc
         board = self.board
         with board.held() as locked:
             offset = board.allocate(len(data)) if locked else None
-            if offset is None:
-                self.records[index, 0] = self.TAKEN
-                return False
+        if offset is None:
+            return False
         board.memory[offset : offset + len(data)] = data
-        # Published under the lock, after the data: a reader that sees READY sees the data.
+        # Published under the lock, after the data: a reader that sees the state sees the data.
         with board.held():
             self.records[index, 1:] = (offset, len(data))
-            self.records[index, 0] = self.READY
+            self.records[index, 0] = state
         return True
 
     def take(self) -> tuple[int, object] | None:
@@ -352,26 +377,34 @@ def _next_index(tickets: int) -> int | None:
 def _work(
     job: Callable[[int], object],
     tickets: int,
+    exchange: _Exchange,
     second: Callable[[int, object], object] | None = None,
-    stages: _Stages | None = None,
+    *,
+    deliver: bool = False,
 ) -> list[tuple[int, object]]:
     """Run ``job`` on indices taken from ``tickets`` until none are left.
 
-    With ``second``, ``job`` is the first stage: its results go to ``stages``, and once the
-    tickets are gone this worker takes second stages, of any worker's first stages.
+    With ``second``, ``job`` is the first stage: its results go to ``exchange``, and once
+    the tickets are gone this worker takes second stages, of any worker's first stages.
+    With ``deliver`` (a forked worker), each final result goes to ``exchange`` as soon as
+    it is made; the ones returned are those the board had no room for.
     """
     done: list[tuple[int, object]] = []
+
+    def finish(index: int, result: object) -> None:
+        if not (deliver and exchange.deliver(index, result)):
+            done.append((index, result))
+
     while (index := _next_index(tickets)) is not None:
-        if second is None or stages is None:
-            done.append((index, job(index)))
+        if second is None:
+            finish(index, job(index))
             continue
         state = job(index)
-        if not stages.put(index, state):  # no room to hand it over: finish it here
-            done.append((index, second(index, state)))
-    if second is not None and stages is not None:
-        while (taken := stages.take()) is not None:
-            index, state = taken
-            done.append((index, second(index, state)))
+        if not exchange.put(index, state):  # no room to hand it over: finish it here
+            finish(index, second(index, state))
+    if second is not None:
+        while (taken := exchange.take()) is not None:
+            finish(taken[0], second(*taken))
     return done
 
 
@@ -381,12 +414,12 @@ def _child(
     out: int,
     board: _Board,
     second: Callable[[int, object], object] | None,
-    stages: _Stages | None,
+    exchange: _Exchange,
 ) -> None:
     """Run ``job`` on indices taken from ``tickets``, write the pickled outcome to ``out``.
 
-    Never returns. The outcome is ``("ok", [(index, result), ...], "")`` or
-    ``("raised", exception, traceback)``.
+    Never returns. The outcome is ``("ok", [(index, result), ...], "")``, with the results
+    not delivered through ``exchange``, or ``("raised", exception, traceback)``.
     """
     _HERE.board = board
     code = 0
@@ -397,7 +430,8 @@ def _child(
         torch.set_num_threads(1)
         _pools().limit(limits=1, user_api="openmp")
         try:
-            outcome: tuple[str, object, str] = ("ok", _work(job, tickets, second, stages), "")
+            work = _work(job, tickets, exchange, second, deliver=True)
+            outcome: tuple[str, object, str] = ("ok", work, "")
         except BaseException as exc:  # sent to the parent, raised there
             outcome = ("raised", exc, traceback.format_exc())
         try:
@@ -418,7 +452,7 @@ def _work_here(
     tickets: int,
     board: _Board,
     second: Callable[[int, object], object] | None,
-    stages: _Stages | None,
+    exchange: _Exchange,
 ) -> list[tuple[int, object]]:
     """This process's share of the tickets, on one thread like the children's."""
     threads = torch.get_num_threads()
@@ -426,7 +460,7 @@ def _work_here(
     try:
         torch.set_num_threads(1)
         with _pools().limit(limits=1, user_api="openmp"):
-            return _work(job, tickets, second, stages)
+            return _work(job, tickets, exchange, second)
     finally:
         _HERE.board = None
         torch.set_num_threads(threads)
@@ -543,9 +577,10 @@ def _fork_and_collect(
     """
     children: list[tuple[int, int]] = []  # (pid, read end of its pipe)
     outcomes: list[tuple[str, object, str] | None] = []
+    handed: list[tuple[int, object]] = []
     try:
         board = _Board()
-        stages = _Stages(board, count, workers) if second is not None else None
+        exchange = _Exchange(board, count, workers)
     except (OSError, MemoryError):  # no shared memory for the board, or too little
         return None
     tickets, issue = os.pipe()
@@ -560,11 +595,10 @@ def _fork_and_collect(
             if pid == 0:  # the child
                 os.close(read)
                 os.close(issue)  # else the ticket pipe never reports its end
-                _child(job, tickets, write, board, second, stages)
+                _child(job, tickets, write, board, second, exchange)
             os.close(write)  # else a later child holds it open and the read never ends
             children.append((pid, read))
-            if stages is not None:
-                stages.pids[len(children)] = pid
+            exchange.pids[len(children)] = pid
         if issued < count:  # the rest from a thread: a blocked write must not stop this one
             writer = threading.Thread(target=_issue_rest, args=(issue, issued, count), daemon=True)
             writer.start()
@@ -572,7 +606,7 @@ def _fork_and_collect(
             os.close(issue)
         issue = -1
         try:
-            work = _work_here(job, tickets, board, second, stages)
+            work = _work_here(job, tickets, board, second, exchange)
             mine: tuple[str, object, str] = ("ok", work, "")
         except Exception as exc:
             return [("raised", exc, traceback.format_exc())]  # the children are stopped below
@@ -584,6 +618,8 @@ def _fork_and_collect(
                 outcomes.append(pickle.loads(data))
             except Exception:  # empty or cut short: the child died
                 outcomes.append(None)
+        if None not in outcomes:
+            handed = exchange.delivered()
     except OSError:  # fork or pipe failed (out of processes or memory)
         return None
     finally:
@@ -602,12 +638,13 @@ def _fork_and_collect(
         if children:
             pids = [pid for pid, _ in children]
             threading.Thread(target=_reap, args=(pids,), daemon=True).start()
-        stages = None  # its arrays view the board's memory, which cannot close under them
+        exchange = None  # its arrays view the board's memory, which cannot close under them
         with contextlib.suppress(BufferError):  # still viewed (a traceback keeps a frame):
             board.close()  # unmapped once the last view goes
     if any(outcome is None for outcome in outcomes):
         return None
     complete = [outcome for outcome in outcomes if outcome is not None]
+    complete.append(("ok", handed, ""))  # the children's results delivered on the board
     done = sum(len(value) for kind, value, _ in complete if kind == "ok")  # type: ignore[arg-type]
     if done != count and all(kind == "ok" for kind, _, _ in complete):
         return None  # every index must come back exactly once

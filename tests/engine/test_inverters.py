@@ -306,13 +306,31 @@ def test_settling_close_calls_by_bias_picks_each_filters_best_choice() -> None:
     truth = torch.where(uncertain & (torch.rand(grad.shape, generator=gen) < 0.5), alt, grad)
     d_bias = truth.sum(dim=(1, 2))
     # Execute
-    settled, resolved, unresolved = conv2d.settle_by_bias(grad, alt, uncertain, d_bias)
-    # Assert: the plain enumeration's answer; the true gradients where they are unique.
+    out = conv2d.settle_by_bias(grad, alt, uncertain, d_bias, eps=F64.eps)
+    # Assert: the plain enumeration's answer; the true gradients where they are unique,
+    # each taken from the candidate it came from, every enumerated match clear.
     torch.testing.assert_close(
-        settled, _settle_one_filter_at_a_time(grad, alt, uncertain, d_bias), rtol=0, atol=0
+        out.grad, _settle_one_filter_at_a_time(grad, alt, uncertain, d_bias), rtol=0, atol=0
     )
-    torch.testing.assert_close(settled[:9], truth[:9], rtol=0, atol=1e-12)
-    assert (resolved, unresolved) == (20, 15)
+    torch.testing.assert_close(out.grad[:9], truth[:9], rtol=0, atol=1e-12)
+    assert (out.resolved, out.unresolved) == (20, 15)
+    assert torch.equal(out.took_alt[:9], uncertain[:9] & (truth[:9] == alt[:9]))
+    assert torch.equal(out.clear, uncertain & (torch.arange(10) < 9).view(-1, 1, 1))
+
+
+def test_a_close_call_is_clear_only_when_no_other_choice_fits_as_well() -> None:
+    # Prepare: filter 0's two close calls move its sum by the same amount (choosing either
+    # one fits); filter 1's by different amounts; filter 2's match sits at rounding level.
+    grad = torch.tensor([[1.0, 1.0, 5.0], [1.0, 1.0, 5.0], [1e-20, 1.0, 5.0]])
+    alt = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.5, 0.0], [0.0, 1.0, 0.0]])
+    uncertain = torch.tensor([[True, True, False], [True, True, False], [True, False, False]])
+    d_bias = torch.tensor([6.0, 6.0, 6.0])
+    # Execute
+    out = conv2d.settle_by_bias(grad, alt, uncertain, d_bias, eps=1e-7)
+    # Assert: each filter settled to a combination that fits; only filter 1's is clear.
+    torch.testing.assert_close(out.grad.sum(dim=1), d_bias)
+    assert out.clear.tolist() == [[False] * 3, [True, True, False], [False] * 3]
+    assert out.took_alt[1].tolist() == [True, False, False]
 
 
 def test_leaky_relu_close_calls_keep_their_value_only_when_it_is_sound() -> None:
@@ -330,6 +348,10 @@ def test_leaky_relu_close_calls_keep_their_value_only_when_it_is_sound() -> None
     assert signal.uncertain.tolist() == [False, True, True, False]
     assert signal.known.tolist() == [True, True, False, True]
     assert diag.ambiguous_units == 2
+    # The open one carries its other branch's value, for the layer below to settle.
+    assert signal.value_alt is not None
+    assert signal.value_alt.isnan().tolist() == [True, True, False, True]
+    assert float(signal.value_alt[2]) == pytest.approx(2e-4 / 0.2)
 
 
 def test_a_dense_solve_too_large_for_memory_is_refused_with_the_way_out(

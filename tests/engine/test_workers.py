@@ -329,6 +329,61 @@ def test_a_full_board_falls_back_to_computing_here() -> None:
         board.close()
 
 
+def test_a_forked_workers_results_come_back_on_the_board_as_they_are_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: record what this process reads off the board at the end of the round.
+    parent, read = os.getpid(), []
+    delivered = workers._Exchange.delivered
+
+    def spy(self: workers._Exchange) -> list[tuple[int, object]]:
+        out = delivered(self)
+        read.extend(index for index, _ in out)
+        return out
+
+    monkeypatch.setattr(workers._Exchange, "delivered", spy)
+
+    def job(index: int) -> tuple[int, int]:
+        _meet(tmp_path / "met")
+        return index * 3, os.getpid()
+
+    # Execute
+    seen = map_in_workers(job, 10, 2)
+    # Assert: all there in order; exactly the forked worker's came through the board.
+    assert seen is not None and [value for value, _ in seen] == [i * 3 for i in range(10)]
+    assert sorted(read) == [i for i, (_, pid) in enumerate(seen) if pid != parent]
+    assert read
+
+
+def test_results_the_board_has_no_room_for_come_back_through_the_pipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: room for the records, none for a result (8 KiB each).
+    monkeypatch.setattr(workers, "_BOARD_BYTES", 8192)
+
+    def job(index: int) -> tuple[bytes, int]:
+        _meet(tmp_path / "met")
+        return bytes(8192), os.getpid()
+
+    # Execute
+    seen = map_in_workers(job, 6, 2)
+    # Assert: every result back, from both workers.
+    assert seen is not None and len(seen) == 6
+    assert all(len(data) == 8192 for data, _ in seen)
+    assert len({pid for _, pid in seen}) == 2
+
+
+def test_a_result_that_does_not_pickle_is_an_error_of_its_worker(tmp_path: Path) -> None:
+    parent = os.getpid()
+
+    def job(index: int) -> object:
+        _meet(tmp_path / "met")
+        return index if os.getpid() == parent else (lambda: index)
+
+    with pytest.raises(RuntimeError, match="a worker's result does not pickle"):
+        map_in_workers(job, 4, 2)
+
+
 def _first(index: int) -> tuple[int, int, float]:
     time.sleep(0.3 if index == 3 else 0.005)  # client 3's first stage is slow
     return index * index, os.getpid(), time.perf_counter()

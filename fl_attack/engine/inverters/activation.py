@@ -77,18 +77,24 @@ class ActivationInverter(Inverter):
         start = time.perf_counter()
         back = self.backward(layer, output.value, options)
         known = back.recoverable & output.known
-        alt, uncertain = None, back.uncertain
+        alt, uncertain, value_alt = None, back.uncertain, None
         if uncertain is not None and back.alt_derivative is not None:
             # Outputs the layer above left undetermined are close calls too.
             uncertain = uncertain | ~output.known
-            known = known & ~(uncertain & ~_value_settled(output.value, back, options))
+            branch_only = known & uncertain & ~_value_settled(output.value, back, options)
+            known = known & ~branch_only
             alt = output.grad * back.alt_derivative
+            if back.alt_pre_activation is not None and bool(branch_only.any()):
+                # Known once the layer below settles the call (LeakyReLU: either branch).
+                nan = torch.full_like(back.pre_activation, float("nan"))
+                value_alt = torch.where(branch_only, back.alt_pre_activation, nan)
         signal = Signal(
             value=back.pre_activation,
             known=known,
             grad=output.grad * back.derivative,
             uncertain=uncertain,
             grad_alt=alt,
+            value_alt=value_alt,
         )
         diag = LayerDiagnostics(
             name=name,
