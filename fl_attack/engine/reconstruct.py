@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -445,21 +446,36 @@ def reconstruct_many(
     shape: Shape = tuple(int(s) for s in input_shape)
     # Once for the round: every client has the same model.
     problems = check(model, shape)
-    route = None if problems else _Route.of(model, shape)
-
-    def upper(grads: Gradients) -> _Partial:
-        if route is None:
-            raise UnsupportedLayerError(problems)
-        return _upper_layers(route, grads, options, input_floor, time.perf_counter())
-
-    def first(grads: Gradients, partial: _Partial) -> Reconstruction:
-        del grads  # checked and carried in the partial
-        assert route is not None  # the first stage raised otherwise
-        return _first_layer(route, input_floor, partial, time.perf_counter())
-
+    if problems:
+        return attack_each(functools.partial(_refused, problems), gradients, 1)
+    route = _Route.of(model, shape)
+    # Module-level stages: a round pickles, so the workers can stand from round to round.
     # Per-weight work (e.g. a conv layer's factorisation) is cached by the weights' digest
     # (fl_attack.engine.shared), so the first client of a process pays for it.
-    return attack_each(Staged(upper, first), gradients, workers)
+    stages = Staged(
+        functools.partial(_upper_stage, route, options, input_floor),
+        functools.partial(_first_stage, route, input_floor),
+    )
+    return attack_each(stages, gradients, workers)
+
+
+def _refused(problems: list[str], grads: Gradients) -> Reconstruction:
+    """A round on a model that :func:`check` rejects: the same error for every client."""
+    del grads
+    raise UnsupportedLayerError(problems)
+
+
+def _upper_stage(
+    route: _Route, options: SolveOptions | None, input_floor: float | None, grads: Gradients
+) -> _Partial:
+    return _upper_layers(route, grads, options, input_floor, time.perf_counter())
+
+
+def _first_stage(
+    route: _Route, input_floor: float | None, grads: Gradients, partial: _Partial
+) -> Reconstruction:
+    del grads  # checked and carried in the partial
+    return _first_layer(route, input_floor, partial, time.perf_counter())
 
 
 def _findings(

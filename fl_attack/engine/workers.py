@@ -2,27 +2,35 @@
 
 A round's clients are independent given the model, and the engine's work is many small
 solves that hold Python's GIL between them: threads barely help (measured 1.25x on two
-cores), processes do. Workers are *forked* with the job already in memory, so the model
-and the gradients reach them without pickling (any model works, even one defined in a
-script); only the results travel back, as plain pickles through a pipe. The calling
-process is one of the workers: a fork of a server-sized process costs 13-20 ms, and the
-caller would otherwise only wait.
+cores), processes do. The calling process is one of the workers, and the others are
+*forked* from it.
+
+Workers stand from one round to the next when the round's job pickles (the engine's own
+rounds do): a fork per round cost a server-sized process 13-20 ms, and each new child
+then faulted in some 20,000 pages of copied memory; a standing worker had paid for both
+once (measured on rconv-main: 9.1-9.8 against 11.3-12.5 ms an image). The job then
+travels through shared memory, its tensors as NumPy arrays (4 ms for 64 clients). A job
+that does not pickle (a closure, a model class defined after the workers were forked)
+runs in workers forked for that call, with the job already in memory. Either way only
+the results travel back, each as soon as it is made.
 
 The server forks from a thread while Flower, Ray and gRPC run threads of their own, so a
-child touches nothing but the job and its pipe, and leaves with ``os._exit``: no
+child touches nothing but its jobs and pipes, and leaves with ``os._exit``: no
 interpreter shutdown, no atexit hooks, no waiting for threads that the fork did not copy
-(a ``ProcessPoolExecutor`` child hung exactly there, in ``threading._shutdown``).
+(a ``ProcessPoolExecutor`` child hung exactly there, in ``threading._shutdown``). A
+standing worker leaves when its caller does (its command pipe closes).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
+import io
 import mmap
 import multiprocessing
 import os
 import pickle
-import select
 import signal
 import struct
 import sys
@@ -38,6 +46,7 @@ import numpy as np
 import torch
 from threadpoolctl import ThreadpoolController
 
+from fl_attack.engine import shared
 from fl_attack.engine.types import EngineError
 
 __all__ = ["Staged", "attack_each", "available_cores", "map_in_workers", "shared_columns"]
@@ -50,8 +59,11 @@ S = TypeVar("S")
 # One fork-and-collect at a time: a child forked by a second thread would inherit the
 # first call's pipe write ends and hold its reads open until that child exits.
 _ONE_JOB_AT_A_TIME = threading.Lock()
-# An index as it travels through the ticket pipe.
-_TICKET = struct.Struct("<q")
+# A standing worker's orders for one round: where the job lies in the board, how long it
+# is, where the round's records lie, indices, workers.
+_ORDERS = struct.Struct("<qqqqq")
+# The length of an outcome sent back through a pipe.
+_LENGTH = struct.Struct("<q")
 # Shared column blocks (shared_columns): columns per block, the board's address space
 # (pages are only backed once written), its directory size, and how long a worker waits
 # for the board's lock before it computes on its own.
@@ -94,6 +106,10 @@ class _Board:
     def close(self) -> None:
         self.memory.close()
 
+    def reset(self) -> None:
+        """Forget every table and record (a standing board, between rounds)."""
+        self._HEAD.pack_into(self.memory, 0, self._record(self.tables), 0)
+
     @contextlib.contextmanager
     def held(self) -> Iterator[bool]:
         """The lock, if it comes within ``_LOCK_SECONDS``: False means a worker died holding it."""
@@ -128,6 +144,7 @@ class _Board:
         offset = self.allocate(8 * (blocks + rows * columns))
         if offset is None:
             return None
+        self.states(offset, blocks)[:] = 0  # free (a standing board holds an earlier round's)
         self._RECORD.pack_into(
             self.memory, self._record(count), digest, rows, columns, blocks, offset
         )
@@ -163,17 +180,35 @@ class _Exchange:
     PENDING, READY, TAKEN, DELIVERED = 0, 1, 2, 3
     _FIELDS = 3  # state, offset, length
 
-    def __init__(self, board: _Board, count: int, workers: int) -> None:
-        """Made before the fork; raises MemoryError if the board cannot hold the records."""
-        offset = board.allocate(8 * (self._FIELDS * count + workers))
+    def __init__(self, board: _Board, count: int, workers: int, at: int | None = None) -> None:
+        """The records of a new round, or those made ``at`` an offset by the caller.
+
+        Raises MemoryError if the board cannot hold new records.
+        """
+        size = self._FIELDS * count
+        offset = board.allocate(8 * (size + workers + 1)) if at is None else at
         if offset is None:
             raise MemoryError("the board has no room for the hand-over's records")
-        self.board = board
-        size = self._FIELDS * count
+        self.board, self.offset, self.count = board, offset, count
         self.records = np.frombuffer(board.memory, np.int64, size, offset).reshape(count, -1)
-        # This process's pid first; the children's as they are forked.
+        # The caller's pid first, then the other workers'.
         self.pids = np.frombuffer(board.memory, np.int64, workers, offset + 8 * size)
-        self.pids[0] = os.getpid()
+        # The next index nobody has taken yet.
+        self.tickets = np.frombuffer(board.memory, np.int64, 1, offset + 8 * (size + workers))
+        if at is None:  # new: clear what an earlier round left in a standing board
+            self.records[:] = self.PENDING
+            self.pids[:] = 0
+            self.tickets[0] = 0
+            self.pids[0] = os.getpid()
+
+    def next_index(self) -> int | None:
+        """Take the next index; None once all are taken (or a worker died holding the lock)."""
+        with self.board.held() as locked:
+            if not locked or int(self.tickets[0]) >= self.count:
+                return None
+            index = int(self.tickets[0])
+            self.tickets[0] = index + 1
+        return index
 
     def put(self, index: int, state: object) -> bool:
         """Leave ``index``'s first-stage result for any worker; False if the board is full.
@@ -368,24 +403,17 @@ def _shared_blocks(
     return np.ascontiguousarray(data.T)
 
 
-def _next_index(tickets: int) -> int | None:
-    """Take the next index from the shared ticket pipe; None once it is empty and closed."""
-    data = os.read(tickets, _TICKET.size)
-    return _TICKET.unpack(data)[0] if data else None
-
-
 def _work(
     job: Callable[[int], object],
-    tickets: int,
     exchange: _Exchange,
     second: Callable[[int, object], object] | None = None,
     *,
     deliver: bool = False,
 ) -> list[tuple[int, object]]:
-    """Run ``job`` on indices taken from ``tickets`` until none are left.
+    """Run ``job`` on the round's indices, taking the next one whenever free, until none are left.
 
     With ``second``, ``job`` is the first stage: its results go to ``exchange``, and once
-    the tickets are gone this worker takes second stages, of any worker's first stages.
+    every index is taken this worker takes second stages, of any worker's first stages.
     With ``deliver`` (a forked worker), each final result goes to ``exchange`` as soon as
     it is made; the ones returned are those the board had no room for.
     """
@@ -395,7 +423,7 @@ def _work(
         if not (deliver and exchange.deliver(index, result)):
             done.append((index, result))
 
-    while (index := _next_index(tickets)) is not None:
+    while (index := exchange.next_index()) is not None:
         if second is None:
             finish(index, job(index))
             continue
@@ -408,37 +436,55 @@ def _work(
     return done
 
 
+def _one_thread() -> None:
+    """A worker's own settings: one thread (the workers already fill the cores)."""
+    # The BLAS pools are already at one thread (set before the fork, see map_in_workers):
+    # touching them here would restart OpenBLAS's pool, whose threads spin ~0.1 s for work.
+    torch.set_num_threads(1)
+    _pools().limit(limits=1, user_api="openmp")
+
+
+def _run(
+    job: Callable[[int], object],
+    exchange: _Exchange,
+    second: Callable[[int, object], object] | None,
+) -> bytes:
+    """A forked worker's share of a round, as the pickled outcome to send back.
+
+    The outcome is ``("ok", [(index, result), ...], "")``, with the results not delivered
+    through ``exchange``, or ``("raised", exception, traceback)``.
+    """
+    try:
+        outcome: tuple[str, object, str] = (
+            "ok",
+            _work(job, exchange, second, deliver=True),
+            "",
+        )
+    except BaseException as exc:  # sent to the caller, raised there
+        outcome = ("raised", exc, traceback.format_exc())
+    try:
+        return pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # an exception that does not pickle
+        error = RuntimeError(f"a worker's outcome does not pickle: {exc}")
+        return pickle.dumps(("raised", error, traceback.format_exc()))
+
+
 def _child(
     job: Callable[[int], object],
-    tickets: int,
     out: int,
     board: _Board,
     second: Callable[[int, object], object] | None,
     exchange: _Exchange,
 ) -> None:
-    """Run ``job`` on indices taken from ``tickets``, write the pickled outcome to ``out``.
+    """A worker forked for one call: its share of the round, its outcome to ``out``.
 
-    Never returns. The outcome is ``("ok", [(index, result), ...], "")``, with the results
-    not delivered through ``exchange``, or ``("raised", exception, traceback)``.
+    Never returns.
     """
     _HERE.board = board
     code = 0
     try:
-        # One thread per worker: the workers already fill the cores. The BLAS pools are
-        # already at one thread (set before the fork, see map_in_workers); touching them
-        # here would restart OpenBLAS's pool, whose threads spin ~0.1 s for work.
-        torch.set_num_threads(1)
-        _pools().limit(limits=1, user_api="openmp")
-        try:
-            work = _work(job, tickets, exchange, second, deliver=True)
-            outcome: tuple[str, object, str] = ("ok", work, "")
-        except BaseException as exc:  # sent to the parent, raised there
-            outcome = ("raised", exc, traceback.format_exc())
-        try:
-            data = pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as exc:  # an unpicklable result or exception
-            error = RuntimeError(f"a worker's outcome does not pickle: {exc}")
-            data = pickle.dumps(("raised", error, traceback.format_exc()))
+        _one_thread()
+        data = _run(job, exchange, second)
         with os.fdopen(out, "wb") as pipe:
             pipe.write(data)
     except BaseException:
@@ -449,18 +495,17 @@ def _child(
 
 def _work_here(
     job: Callable[[int], object],
-    tickets: int,
     board: _Board,
     second: Callable[[int, object], object] | None,
     exchange: _Exchange,
 ) -> list[tuple[int, object]]:
-    """This process's share of the tickets, on one thread like the children's."""
+    """This process's share of the round, on one thread like the other workers'."""
     threads = torch.get_num_threads()
     _HERE.board = board
     try:
         torch.set_num_threads(1)
         with _pools().limit(limits=1, user_api="openmp"):
-            return _work(job, tickets, exchange, second)
+            return _work(job, exchange, second)
     finally:
         _HERE.board = None
         torch.set_num_threads(threads)
@@ -482,19 +527,21 @@ def map_in_workers(
     workers: int,
     second: Callable[[int, Any], Any] | None = None,
 ) -> list[Any] | None:
-    """``[job(i) for i in range(count)]``, spread over this process and forked ones.
+    """``[job(i) for i in range(count)]``, spread over this process and ``workers - 1`` others.
 
-    ``workers - 1`` processes are forked; this one works as the last worker (one fork less,
-    and it starts at once). Each worker takes the next index as soon as it is free (a
-    shared pipe of tickets), so a round's few expensive updates do not leave one worker
-    running alone at the end. With ``second``, the results are ``second(i, job(i))``, and
-    every ``job`` is taken before any ``second`` (see :class:`Staged`).
+    This process works as one of the workers. The others stand from one call to the next
+    when ``job`` (and ``second``) pickle, and are forked for this call otherwise (see the
+    module's notes). Each worker takes the next index as soon as it is free, so a round's
+    few expensive updates do not leave one worker running alone at the end. With
+    ``second``, the results are ``second(i, job(i))``, and every ``job`` is taken before
+    any ``second`` (see :class:`Staged`).
 
     Parameters
     ----------
     job : callable
-        ``index -> result``; a result computed in a forked worker must pickle. It runs in
-        the children, so it should not rely on state changed after the call starts.
+        ``index -> result``; a result computed in another worker must pickle. It runs in
+        the other workers too, so it should not rely on state changed after the call
+        starts.
     count : int
         Number of indices.
     workers : int
@@ -513,13 +560,17 @@ def map_in_workers(
     workers = min(workers, count)
     if workers < 2 or not hasattr(os, "fork") or sys.platform == "darwin":
         return None  # macOS: forking a process that has used Apple's frameworks can crash
-    # The children inherit BLAS pools of one thread, set here before the fork and restored
+    orders = _orders(job, second)
+    # The workers inherit BLAS pools of one thread, set here before the fork and restored
     # once they are done. Limiting them in a child instead restarts OpenBLAS's pool there
     # (it shuts down at each fork), and its new threads spin for work for ~0.1 s against
     # the other worker: a worker's first update took 60-120 ms instead of ~25 ms. Left at
     # two threads, the pools spin all along (measured: 0.25 s of work took 7 s).
     with _ONE_JOB_AT_A_TIME, _pools().limit(limits=1, user_api="blas"):
-        outcomes = _fork_and_collect(job, count, workers, second)
+        if orders is None:
+            outcomes = _fork_and_collect(job, count, workers, second)
+        else:
+            outcomes = _standing_round(orders, job, count, workers, second)
     if outcomes is None:
         warnings.warn(
             "a worker process could not start or died before returning its results; "
@@ -540,28 +591,27 @@ def map_in_workers(
     return results
 
 
-def _issue(issue: int, start: int, count: int) -> int:
-    """Write tickets ``start, start + 1, ...`` until the pipe is full; the next one left."""
-    # Whole pages of tickets: a pipe write of at most PIPE_BUF bytes is atomic, so a
-    # reader taking one ticket's size always gets exactly one whole ticket.
-    per_write = select.PIPE_BUF // _TICKET.size
-    while start < count:
-        stop = min(start + per_write, count)
-        try:
-            os.write(issue, b"".join(_TICKET.pack(i) for i in range(start, stop)))
-        except (BlockingIOError, BrokenPipeError):
-            break  # full (the rest later), or every worker has stopped taking tickets
-        start = stop
-    return start
+class _Pickler(pickle.Pickler):
+    """Pickles plain CPU tensors as NumPy arrays: 5x faster both ways (64 clients' gradients:
+    3.6 against 20 ms, and 1.6 against 23 ms to load)."""
+
+    def reducer_override(self, obj: object) -> object:
+        if type(obj) is torch.Tensor and obj.device.type == "cpu" and not obj.requires_grad:
+            try:
+                return torch.from_numpy, (obj.numpy(),)
+            except (TypeError, RuntimeError):  # no NumPy twin (bfloat16, sparse, conj)
+                return NotImplemented
+        return NotImplemented
 
 
-def _issue_rest(issue: int, start: int, count: int) -> None:
-    """The tickets the pipe could not take at first, as the workers take the others."""
+def _orders(job: Callable[[int], Any], second: Callable[[int, Any], Any] | None) -> bytes | None:
+    """``(job, second)`` pickled for a standing worker; None if they do not pickle."""
+    buffer = io.BytesIO()
     try:
-        os.set_blocking(issue, True)
-        _issue(issue, start, count)
-    finally:
-        os.close(issue)
+        _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump((job, second))
+    except Exception:  # closures, lambdas, local classes: workers forked for the call
+        return None
+    return buffer.getvalue()
 
 
 def _fork_and_collect(
@@ -570,7 +620,7 @@ def _fork_and_collect(
     workers: int,
     second: Callable[[int, object], object] | None = None,
 ) -> list[tuple[str, object, str]] | None:
-    """This process and ``workers - 1`` forked children sharing ``count`` tickets.
+    """This process and ``workers - 1`` children forked for this call, sharing the indices.
 
     Returns every worker's outcome (this process's first; only its own when its job
     raised), or None when a child is missing (it died) or the indices were not all done.
@@ -583,30 +633,20 @@ def _fork_and_collect(
         exchange = _Exchange(board, count, workers)
     except (OSError, MemoryError):  # no shared memory for the board, or too little
         return None
-    tickets, issue = os.pipe()
-    writer: threading.Thread | None = None
     try:
-        # Tickets first, as many as the pipe takes: each child starts on one at once.
-        os.set_blocking(issue, False)
-        issued = _issue(issue, 0, count)
         for _ in range(workers - 1):
             read, write = os.pipe()
             pid = os.fork()
             if pid == 0:  # the child
                 os.close(read)
-                os.close(issue)  # else the ticket pipe never reports its end
-                _child(job, tickets, write, board, second, exchange)
+                for _, other in children:
+                    os.close(other)
+                _child(job, write, board, second, exchange)
             os.close(write)  # else a later child holds it open and the read never ends
             children.append((pid, read))
             exchange.pids[len(children)] = pid
-        if issued < count:  # the rest from a thread: a blocked write must not stop this one
-            writer = threading.Thread(target=_issue_rest, args=(issue, issued, count), daemon=True)
-            writer.start()
-        else:
-            os.close(issue)
-        issue = -1
         try:
-            work = _work_here(job, tickets, board, second, exchange)
+            work = _work_here(job, board, second, exchange)
             mine: tuple[str, object, str] = ("ok", work, "")
         except Exception as exc:
             return [("raised", exc, traceback.format_exc())]  # the children are stopped below
@@ -623,32 +663,234 @@ def _fork_and_collect(
     except OSError:  # fork or pipe failed (out of processes or memory)
         return None
     finally:
-        for fd in (tickets, issue):
-            if fd >= 0:
-                os.close(fd)
         for _, read in children:
             os.close(read)
         collected = max(0, len(outcomes) - 1)  # outcomes[0] is this process's
         for pid, _ in children[collected:]:  # interrupted: stop the others
             os.kill(pid, signal.SIGKILL)
-        if writer is not None:
-            writer.join()  # done, or its pipe has lost every reader: it stops
         # Reaped in the background: a child's exit frees its copy of the address space
         # (~10 ms for a server-sized process), which the results need not wait for.
         if children:
             pids = [pid for pid, _ in children]
             threading.Thread(target=_reap, args=(pids,), daemon=True).start()
-        exchange = None  # its arrays view the board's memory, which cannot close under them
+        exchange = None  # type: ignore[assignment]  # views the board, which then closes
         with contextlib.suppress(BufferError):  # still viewed (a traceback keeps a frame):
             board.close()  # unmapped once the last view goes
+    return _checked(outcomes, handed, count)
+
+
+def _checked(
+    outcomes: list[tuple[str, object, str] | None], handed: list[tuple[int, object]], count: int
+) -> list[tuple[str, object, str]] | None:
+    """Every outcome and the delivered results; None if a worker is missing or an index."""
     if any(outcome is None for outcome in outcomes):
         return None
     complete = [outcome for outcome in outcomes if outcome is not None]
-    complete.append(("ok", handed, ""))  # the children's results delivered on the board
+    complete.append(("ok", handed, ""))  # the other workers' results delivered on the board
     done = sum(len(value) for kind, value, _ in complete if kind == "ok")  # type: ignore[arg-type]
     if done != count and all(kind == "ok" for kind, _, _ in complete):
         return None  # every index must come back exactly once
     return complete
+
+
+class _Standing:
+    """Worker processes kept from one round to the next, with their board.
+
+    Each waits for its orders on a pipe of its own (where the round's job lies in the
+    board) and answers with its outcome on another, as a forked worker does at its end.
+    """
+
+    def __init__(self, size: int) -> None:
+        """Fork ``size`` workers (raises OSError if that fails)."""
+        self.board = _Board()
+        self.children: list[tuple[int, int, int]] = []  # pid, orders (write), outcomes (read)
+        try:
+            for _ in range(size):
+                orders, write_orders = os.pipe()
+                read_outcomes, outcomes = os.pipe()
+                pid = os.fork()
+                if pid == 0:  # the worker
+                    for fd in (write_orders, read_outcomes):
+                        os.close(fd)
+                    for _, other_orders, other_outcomes in self.children:
+                        os.close(other_orders)
+                        os.close(other_outcomes)
+                    _serve(self.board, orders, outcomes)
+                os.close(orders)
+                os.close(outcomes)
+                self.children.append((pid, write_orders, read_outcomes))
+        except OSError:
+            self.close()
+            raise
+
+    @property
+    def size(self) -> int:
+        return len(self.children)
+
+    def alive(self) -> bool:
+        return all(_alive(pid) for pid, _, _ in self.children)
+
+    def round(
+        self,
+        orders: bytes,
+        job: Callable[[int], object],
+        count: int,
+        workers: int,
+        second: Callable[[int, object], object] | None,
+    ) -> list[tuple[str, object, str]] | None:
+        """One round over this process and ``workers - 1`` standing workers.
+
+        None when a worker is missing (it died) or an index; raises what this process's
+        job raises (the caller then closes the workers: they are mid-round).
+        """
+        board = self.board
+        board.reset()
+        try:
+            exchange = _Exchange(board, count, workers)
+        except MemoryError:
+            return None
+        at = board.allocate(len(orders))
+        if at is None:
+            return None
+        board.memory[at : at + len(orders)] = orders
+        used = self.children[: workers - 1]
+        message = _ORDERS.pack(at, len(orders), exchange.offset, count, workers)
+        try:
+            for i, (pid, write_orders, _) in enumerate(used, start=1):
+                exchange.pids[i] = pid
+                os.write(write_orders, message)
+        except OSError:  # a worker has gone (broken pipe)
+            return None
+        outcomes: list[tuple[str, object, str] | None] = [
+            ("ok", _work_here(job, board, second, exchange), "")
+        ]
+        for _, _, read_outcomes in used:
+            data = _read_message(read_outcomes)
+            try:
+                outcome = pickle.loads(data) if data is not None else None
+            except Exception:  # cut short
+                outcome = None
+            if outcome is not None and outcome[0] == "unloadable":
+                outcome = ("ok", [], "")  # it took no index: this process did them all
+            outcomes.append(outcome)
+        handed = exchange.delivered() if None not in outcomes else []
+        return _checked(outcomes, handed, count)
+
+    def close(self, *, kill: bool = False) -> None:
+        """Let the workers go (their orders pipe closes), or kill them; reaped in the background."""
+        for pid, write_orders, read_outcomes in self.children:
+            if kill:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            for fd in (write_orders, read_outcomes):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        pids = [pid for pid, _, _ in self.children]
+        self.children = []
+        if pids:
+            threading.Thread(target=_reap, args=(pids,), daemon=True).start()
+
+
+def _serve(board: _Board, orders: int, outcomes: int) -> None:
+    """A standing worker: its share of each round it is ordered to, until the orders stop.
+
+    Never returns.
+    """
+    _HERE.board = board
+    code = 0
+    try:
+        _one_thread()
+        while (message := _read_exactly(orders, _ORDERS.size)) is not None:
+            at, length, records, count, workers = _ORDERS.unpack(message)
+            # Each round on an empty cache: a server's rounds bring new weights, and an
+            # earlier round's entries would only hold memory (up to the cache's budget).
+            shared.clear_weight_cache()
+            try:
+                job, second = pickle.loads(board.memory[at : at + length])
+            except Exception as exc:  # e.g. a class defined after this worker was forked
+                data = pickle.dumps(("unloadable", repr(exc), ""))
+            else:
+                data = _run(job, _Exchange(board, count, workers, at=records), second)
+                del job, second
+            os.write(outcomes, _LENGTH.pack(len(data)))
+            _write_all(outcomes, data)
+    except BaseException:
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def _read_exactly(fd: int, size: int) -> bytes | None:
+    """``size`` bytes from a pipe; None if it ends first."""
+    chunks, left = [], size
+    while left:
+        chunk = os.read(fd, left)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _read_message(fd: int) -> bytes | None:
+    """A length-prefixed message from a pipe; None if it ends first."""
+    head = _read_exactly(fd, _LENGTH.size)
+    return None if head is None else _read_exactly(fd, _LENGTH.unpack(head)[0])
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+# The standing workers of this process (none in the workers themselves).
+_STANDING: _Standing | None = None
+
+
+def _standing_round(
+    orders: bytes,
+    job: Callable[[int], object],
+    count: int,
+    workers: int,
+    second: Callable[[int, object], object] | None,
+) -> list[tuple[str, object, str]] | None:
+    """A round over the standing workers, forked first if there are too few or one died."""
+    global _STANDING
+    pool = _STANDING
+    if pool is not None and (pool.size < workers - 1 or not pool.alive()):
+        pool.close(kill=True)
+        pool = _STANDING = None
+    if pool is None:
+        try:
+            pool = _STANDING = _Standing(workers - 1)
+        except (OSError, MemoryError):
+            return None
+    try:
+        outcomes = pool.round(orders, job, count, workers, second)
+    except BaseException:
+        pool.close(kill=True)  # mid-round: their outcomes would answer the next round
+        _STANDING = None
+        raise
+    if outcomes is None:
+        pool.close(kill=True)
+        _STANDING = None
+    return outcomes
+
+
+def _forget_standing() -> None:
+    """In a forked process: the standing workers are its parent's, not its own."""
+    global _STANDING
+    _STANDING = None
+
+
+def _close_standing() -> None:
+    if _STANDING is not None:
+        _STANDING.close()
+
+
+os.register_at_fork(after_in_child=_forget_standing)
+atexit.register(_close_standing)
 
 
 def _reap(pids: list[int]) -> None:
@@ -688,7 +930,9 @@ def attack_each(
 
     A client whose attack raises an :class:`~fl_attack.engine.EngineError` gets the error
     in place of its result, so one bad update does not stop the round; any other
-    exception propagates. ``attack_one`` may come in two stages (:class:`Staged`).
+    exception propagates. ``attack_one`` may come in two stages (:class:`Staged`). When it
+    and the clients pickle, the workers stand from one call to the next (see
+    :func:`map_in_workers`).
 
     Raises
     ------
@@ -697,26 +941,37 @@ def attack_each(
     """
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
-    items = list(clients)
+    each = _Each(attack_one, list(clients))
+    count = len(each.clients)
     if isinstance(attack_one, Staged):
-        staged = attack_one
+        spread = map_in_workers(each.first, count, workers, each.second)
+        if spread is not None:
+            return spread
+        return [each.second(i, each.first(i)) for i in range(count)]
+    spread_one = map_in_workers(each.one, count, workers)
+    return spread_one if spread_one is not None else [each.one(i) for i in range(count)]
 
-        def first(index: int) -> object:
-            return _or_error(staged.first, items[index])
 
-        def second(index: int, state: object) -> R | EngineError:
-            if isinstance(state, EngineError):
-                return state
-            return _or_error(staged.second, items[index], state)
+@dataclass(frozen=True, slots=True)
+class _Each(Generic[C, R]):
+    """:func:`attack_each`'s jobs by client index: they pickle when the attack and clients do."""
 
-        spread = map_in_workers(first, len(items), workers, second)
-        return spread if spread is not None else [second(i, first(i)) for i in range(len(items))]
+    attack: Callable[[C], R] | Staged[C, Any, R]
+    clients: list[C]
 
-    def one(index: int) -> R | EngineError:
-        return _or_error(attack_one, items[index])
+    def one(self, index: int) -> R | EngineError:
+        assert not isinstance(self.attack, Staged)
+        return _or_error(self.attack, self.clients[index])
 
-    spread_one = map_in_workers(one, len(items), workers)
-    return spread_one if spread_one is not None else [one(i) for i in range(len(items))]
+    def first(self, index: int) -> object:
+        assert isinstance(self.attack, Staged)
+        return _or_error(self.attack.first, self.clients[index])
+
+    def second(self, index: int, state: object) -> R | EngineError:
+        assert isinstance(self.attack, Staged)
+        if isinstance(state, EngineError):
+            return state
+        return _or_error(self.attack.second, self.clients[index], state)
 
 
 def _or_error(call: Callable[..., R], *args: object) -> R | EngineError:

@@ -316,6 +316,9 @@ def test_settling_close_calls_by_bias_picks_each_filters_best_choice() -> None:
     assert (out.resolved, out.unresolved) == (20, 15)
     assert torch.equal(out.took_alt[:9], uncertain[:9] & (truth[:9] == alt[:9]))
     assert torch.equal(out.clear, uncertain & (torch.arange(10) < 9).view(-1, 1, 1))
+    # Without the rounding unit, the same choices and no judgement of how clear they are.
+    unjudged = conv2d.settle_by_bias(grad, alt, uncertain, d_bias)
+    assert torch.equal(unjudged.grad, out.grad) and not unjudged.clear.any()
 
 
 def test_a_close_call_is_clear_only_when_no_other_choice_fits_as_well() -> None:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
+import signal
+import sys
 import time
+import types
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +24,7 @@ from fl_attack.engine import (
     UnsupportedLayerError,
     available_cores,
     reconstruct_many,
+    shared,
     single_sample_gradients,
     workers,
 )
@@ -127,6 +133,137 @@ def test_workers_start_no_blas_threads_and_this_process_keeps_its_pools(tmp_path
     forked = [threads for pid, threads in seen if pid != os.getpid()]
     assert forked and set(forked) == {1}
     assert [pool["num_threads"] for pool in threadpool_info()] == before
+
+
+def _met_then(place: Path, index: int) -> tuple[int, int, int, list[int]]:
+    """A job that pickles: meet the other worker, then report who and how many threads."""
+    _meet(place)
+    return (index, *_threads(index))
+
+
+def _met_then_blas(place: Path, index: int) -> tuple[int, int]:
+    _meet(place)
+    return _blas_threads(index)
+
+
+def _rounds_apart(
+    tmp_path: Path, rounds: int, job: Callable[..., object], tag: str = "met"
+) -> list[list[object]]:
+    """``rounds`` calls of a pickling ``job`` over two workers, each meeting in its own file."""
+    out = []
+    for r in range(rounds):
+        seen = map_in_workers(functools.partial(job, tmp_path / f"{tag}{r}"), 6, 2)
+        assert seen is not None
+        out.append(seen)
+    return out
+
+
+def test_workers_stand_from_one_round_to_the_next(tmp_path: Path) -> None:
+    # Execute: two rounds of a job that pickles.
+    first, second = _rounds_apart(tmp_path, 2, _met_then)
+    # Assert: results in order; the same other worker both times, on one thread.
+    assert [index for index, *_ in first] == list(range(6))
+    others = [{pid for _, pid, _, _ in seen} - {os.getpid()} for seen in (first, second)]
+    assert len(others[0]) == 1 and others[0] == others[1]
+    assert all(threads == 1 and set(pools) <= {1} for _, _, threads, pools in first + second)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+def test_a_standing_worker_starts_no_blas_threads(tmp_path: Path) -> None:
+    before = [pool["num_threads"] for pool in threadpool_info()]
+    seen = map_in_workers(functools.partial(_met_then_blas, tmp_path / "met"), 4, 2)
+    assert seen is not None
+    standing = [threads for pid, threads in seen if pid != os.getpid()]
+    assert standing and set(standing) == {1}
+    assert [pool["num_threads"] for pool in threadpool_info()] == before
+
+
+def test_a_job_that_does_not_pickle_gets_workers_forked_for_the_call(tmp_path: Path) -> None:
+    # Prepare: the standing worker, as a pickling job finds it.
+    (standing,) = _rounds_apart(tmp_path, 1, _met_then)
+
+    def job(index: int) -> int:  # a closure: it does not pickle
+        _meet(tmp_path / f"closure{index // 3}")
+        return os.getpid()
+
+    # Execute: two calls of a closure
+    calls = [map_in_workers(job, 3, 2), map_in_workers(job, 6, 2)]
+    # Assert: each had a worker of its own, none of them the standing one.
+    assert calls[0] is not None and calls[1] is not None
+    forked = [set(pids) - {os.getpid()} for pids in calls]
+    assert all(len(pids) == 1 for pids in forked) and forked[0] != forked[1]
+    assert not (forked[0] | forked[1]) & ({pid for _, pid, _, _ in standing})
+
+
+def test_a_standing_worker_that_died_between_rounds_is_replaced(tmp_path: Path) -> None:
+    # Prepare: the standing worker, killed between two rounds.
+    (first,) = _rounds_apart(tmp_path, 1, _met_then)
+    (dead,) = {pid for _, pid, _, _ in first} - {os.getpid()}
+    os.kill(dead, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while workers._alive(dead) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # Execute / Assert: the next round runs on a new worker, without a warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        seen = map_in_workers(functools.partial(_met_then, tmp_path / "again"), 6, 2)
+    assert seen is not None
+    others = {pid for _, pid, _, _ in seen} - {os.getpid()}
+    assert len(others) == 1 and dead not in others
+
+
+def _dies_elsewhere(parent: int, place: Path, index: int) -> int:
+    _meet(place)
+    if os.getpid() != parent:
+        os._exit(3)
+    return index
+
+
+def test_a_standing_worker_dying_in_a_round_sends_it_back_to_this_process(tmp_path: Path) -> None:
+    # Execute: a round whose other worker dies in it, then a healthy round.
+    job = functools.partial(_dies_elsewhere, os.getpid(), tmp_path / "met")
+    with pytest.warns(RuntimeWarning, match="running in this process instead"):
+        assert map_in_workers(job, 4, 2) is None
+    (after,) = _rounds_apart(tmp_path, 1, _met_then)
+    # Assert: the next round has a worker again.
+    assert len({pid for _, pid, _, _ in after}) == 2
+
+
+def _cache_probe(place: Path, index: int) -> tuple[int, bool]:
+    """Meet, then whether this worker had to compute a weights-cache entry."""
+    _meet(place)
+    ran: list[int] = []
+    shared.cached(("probe", "same weights"), lambda: ran.append(1) or 1)
+    return os.getpid(), bool(ran)
+
+
+def test_a_standing_worker_starts_each_round_on_an_empty_weight_cache(tmp_path: Path) -> None:
+    # Prepare: one round that fills both workers' caches.
+    shared.clear_weight_cache()
+    _rounds_apart(tmp_path, 1, _cache_probe, "fill")
+    # Execute: a round on the same weights
+    (again,) = _rounds_apart(tmp_path, 1, _cache_probe, "again")
+    # Assert: this process reused its entry; the other worker computed its own once more.
+    here = [ran for pid, ran in again if pid == os.getpid()]
+    there = [ran for pid, ran in again if pid != os.getpid()]
+    assert here and not any(here)
+    assert there.count(True) == 1
+    shared.clear_weight_cache()
+
+
+def test_a_job_the_standing_worker_cannot_load_runs_here(tmp_path: Path) -> None:
+    # Prepare: a standing worker, then a module it has never seen (made after its fork).
+    _rounds_apart(tmp_path, 1, _met_then)
+    late = types.ModuleType("late_module_for_workers_test")
+    exec("import os\ndef job(index):\n    return index, os.getpid()", late.__dict__)
+    sys.modules[late.__name__] = late
+    try:
+        # Execute
+        seen = map_in_workers(late.job, 5, 2)
+    finally:
+        del sys.modules[late.__name__]
+    # Assert: every result, all computed here.
+    assert seen == [(i, os.getpid()) for i in range(5)]
 
 
 def test_one_worker_or_one_item_runs_in_this_process() -> None:

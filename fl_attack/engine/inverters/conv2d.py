@@ -243,8 +243,13 @@ class Conv2dInverter(Inverter):
         value, known = output.value, output.known
         pinned = 0
         if output.uncertain is not None and output.grad_alt is not None and "bias" in grads:
+            pinnable = output.value_alt is not None
             settled = settle_by_bias(
-                output.grad, output.grad_alt, output.uncertain, grads["bias"], eps=options.eps
+                output.grad,
+                output.grad_alt,
+                output.uncertain,
+                grads["bias"],
+                eps=options.eps if pinnable else None,
             )
             d_out, resolved, unresolved = settled.grad, settled.resolved, settled.unresolved
             if output.value_alt is not None:
@@ -831,7 +836,7 @@ def settle_by_bias(
     uncertain: torch.Tensor,
     d_bias: torch.Tensor,
     *,
-    eps: float,
+    eps: float | None = None,
 ) -> Settled:
     """Settle close-call output gradients so that each filter's sum equals its bias gradient.
 
@@ -847,36 +852,50 @@ def settle_by_bias(
         Close calls (bool, same shape).
     d_bias : torch.Tensor
         The layer's bias gradient, one entry per filter.
-    eps : float
-        Rounding unit of the gradients (how clear a match must be; see :class:`Settled`).
+    eps : float, optional
+        Rounding unit of the gradients (how clear a match must be; see :class:`Settled`);
+        without it no call is judged clear (the judgement costs a little in every filter).
     """
     settled = grad.clone()
     took_alt = torch.zeros_like(uncertain, dtype=torch.bool)
     clear = torch.zeros_like(uncertain, dtype=torch.bool)
-    flat_grad, flat_alt = settled.reshape(grad.shape[0], -1), alt.reshape(grad.shape[0], -1)
-    flat_unc = uncertain.reshape(grad.shape[0], -1)
-    flat_took, flat_clear = took_alt.reshape(grad.shape[0], -1), clear.reshape(grad.shape[0], -1)
+    # In NumPy: a few small operations per filter, each 5-10x cheaper than torch's.
+    filters = grad.shape[0]
+    flat_grad, flat_alt, flat_unc, flat_took, flat_clear = (
+        t.reshape(filters, -1).numpy() for t in (settled, alt, uncertain, took_alt, clear)
+    )
+    sums, biases = flat_grad.sum(axis=1), d_bias.to(torch.float64).numpy()
     resolved = unresolved = 0
-    for f in torch.nonzero(flat_unc.any(dim=1)).flatten().tolist():
-        idx = torch.nonzero(flat_unc[f]).flatten()
-        k = idx.numel()
+    for f in np.flatnonzero(flat_unc.any(axis=1)):
+        idx = np.flatnonzero(flat_unc[f])
+        k = idx.size
         if k > _MAX_ENUMERATED:
             unresolved += k
             continue
-        fixed = flat_grad[f].sum() - flat_grad[f, idx].sum()
-        bits = (torch.arange(2**k).unsqueeze(1) >> torch.arange(k)) & 1
-        choices = torch.where(bits.bool(), flat_alt[f, idx], flat_grad[f, idx])
-        errors = (fixed + choices.sum(dim=1) - d_bias[f]).abs()
+        fixed = sums[f] - flat_grad[f, idx].sum()
+        bits = _choice_bits(k)
+        choices = np.where(bits, flat_alt[f, idx], flat_grad[f, idx])
+        errors = np.abs(fixed + choices.sum(axis=1) - biases[f])
         best = int(errors.argmin())
-        # Measured on 800 reconstructions (3059 close calls): every pick this clear was right.
-        runner_up = float(errors.topk(2, largest=False).values[1])
-        scale = float(flat_grad[f].abs().sum() + d_bias[f].abs())
-        if runner_up > _CLEAR_ULPS * eps * scale and float(errors[best]) < _CLEAR_RATIO * runner_up:
-            flat_clear[f, idx] = True
+        if eps is not None:
+            # Measured on 800 reconstructions (3059 close calls): every pick this clear was
+            # right.
+            runner_up = float(np.partition(errors, 1)[1])
+            floor = _CLEAR_ULPS * eps * (float(np.abs(flat_grad[f]).sum()) + abs(biases[f]))
+            if runner_up > floor and float(errors[best]) < _CLEAR_RATIO * runner_up:
+                flat_clear[f, idx] = True
         flat_grad[f, idx] = choices[best]
-        flat_took[f, idx] = bits[best].bool()
+        flat_took[f, idx] = bits[best]
         resolved += k
     return Settled(settled, took_alt, clear, resolved, unresolved)
+
+
+@functools.lru_cache(maxsize=_MAX_ENUMERATED + 1)
+def _choice_bits(k: int) -> np.ndarray:
+    """Every combination of ``k`` two-way choices, one per row: (2**k, k) bool, read-only."""
+    bits = ((np.arange(2**k)[:, None] >> np.arange(k)) & 1).astype(bool)
+    bits.flags.writeable = False
+    return bits
 
 
 def _gradient_system(
