@@ -592,8 +592,11 @@ def map_in_workers(
 
 
 class _Pickler(pickle.Pickler):
-    """Pickles plain CPU tensors as NumPy arrays: 5x faster both ways (64 clients' gradients:
-    3.6 against 20 ms, and 1.6 against 23 ms to load)."""
+    """Pickles plain CPU tensors as NumPy arrays, which is far faster.
+
+    For 64 clients' gradients, pickling takes 3.6 ms instead of 20 ms and loading takes
+    1.6 ms instead of 23 ms.
+    """
 
     def reducer_override(self, obj: object) -> object:
         if type(obj) is torch.Tensor and obj.device.type == "cpu" and not obj.requires_grad:
