@@ -707,6 +707,8 @@ class _Standing:
         """Fork ``size`` workers (raises OSError if that fails)."""
         self.board = _Board()
         self.children: list[tuple[int, int, int]] = []  # pid, orders (write), outcomes (read)
+        # A worker could not load a job (its code is newer than the worker): replace them.
+        self.stale = False
         try:
             for _ in range(size):
                 orders, write_orders = os.pipe()
@@ -774,7 +776,7 @@ class _Standing:
             except Exception:  # cut short
                 outcome = None
             if outcome is not None and outcome[0] == "unloadable":
-                outcome = ("ok", [], "")  # it took no index: this process did them all
+                outcome, self.stale = ("ok", [], ""), True  # it took no index: done here
             outcomes.append(outcome)
         handed = exchange.delivered() if None not in outcomes else []
         return _checked(outcomes, handed, count)
@@ -858,7 +860,11 @@ def _standing_round(
     workers: int,
     second: Callable[[int, object], object] | None,
 ) -> list[tuple[str, object, str]] | None:
-    """A round over the standing workers, forked first if there are too few or one died."""
+    """A round over the standing workers, forked first if there are too few or one died.
+
+    Workers that could not load the round's job are replaced for the next round (the
+    round itself ran here).
+    """
     global _STANDING
     pool = _STANDING
     if pool is not None and (pool.size < workers - 1 or not pool.alive()):
@@ -875,7 +881,7 @@ def _standing_round(
         pool.close(kill=True)  # mid-round: their outcomes would answer the next round
         _STANDING = None
         raise
-    if outcomes is None:
+    if outcomes is None or pool.stale:
         pool.close(kill=True)
         _STANDING = None
     return outcomes

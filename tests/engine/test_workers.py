@@ -251,19 +251,31 @@ def test_a_standing_worker_starts_each_round_on_an_empty_weight_cache(tmp_path: 
     shared.clear_weight_cache()
 
 
-def test_a_job_the_standing_worker_cannot_load_runs_here(tmp_path: Path) -> None:
+def test_a_job_the_standing_worker_cannot_load_runs_here_then_gets_new_workers(
+    tmp_path: Path,
+) -> None:
     # Prepare: a standing worker, then a module it has never seen (made after its fork).
     _rounds_apart(tmp_path, 1, _met_then)
     late = types.ModuleType("late_module_for_workers_test")
-    exec("import os\ndef job(index):\n    return index, os.getpid()", late.__dict__)
+    exec("def job(index):\n    import os\n    return index, os.getpid()", late.__dict__)
     sys.modules[late.__name__] = late
     try:
-        # Execute
-        seen = map_in_workers(late.job, 5, 2)
+        # Execute: the job twice
+        first = map_in_workers(late.job, 5, 2)
+        second = map_in_workers(functools.partial(_late_pair, late.__name__, tmp_path), 4, 2)
     finally:
         del sys.modules[late.__name__]
-    # Assert: every result, all computed here.
-    assert seen == [(i, os.getpid()) for i in range(5)]
+    # Assert: every result; the first round all here, the second on new workers that know
+    # the module.
+    assert first == [(i, os.getpid()) for i in range(5)]
+    assert second is not None and [i for i, _ in second] == list(range(4))
+    assert len({pid for _, pid in second}) == 2
+
+
+def _late_pair(module: str, place: Path, index: int) -> tuple[int, int]:
+    """Meet, then run the late module's job (importable only where the module exists)."""
+    _meet(place / "late")
+    return sys.modules[module].job(index)
 
 
 def test_one_worker_or_one_item_runs_in_this_process() -> None:
