@@ -570,7 +570,9 @@ def map_in_workers(
         if orders is None:
             outcomes = _fork_and_collect(job, count, workers, second)
         else:
-            outcomes = _standing_round(orders, job, count, workers, second)
+            outcomes = _on_standing(
+                workers - 1, lambda pool: pool.round(orders, job, count, workers, second)
+            )
     if outcomes is None:
         warnings.warn(
             "a worker process could not start or died before returning its results; "
@@ -853,30 +855,27 @@ def _write_all(fd: int, data: bytes) -> None:
 _STANDING: _Standing | None = None
 
 
-def _standing_round(
-    orders: bytes,
-    job: Callable[[int], object],
-    count: int,
-    workers: int,
-    second: Callable[[int, object], object] | None,
+def _on_standing(
+    size: int, run: Callable[[_Standing], list[tuple[str, object, str]] | None]
 ) -> list[tuple[str, object, str]] | None:
-    """A round over the standing workers, forked first if there are too few or one died.
+    """``run`` on this process's ``size`` standing workers, forked first if there are too
+    few or one died; None if they cannot be forked.
 
     Workers that could not load the round's job are replaced for the next round (the
-    round itself ran here).
+    round itself ran here), and so are workers whose round failed or raised here.
     """
     global _STANDING
     pool = _STANDING
-    if pool is not None and (pool.size < workers - 1 or not pool.alive()):
+    if pool is not None and (pool.size < size or not pool.alive()):
         pool.close(kill=True)
         pool = _STANDING = None
     if pool is None:
         try:
-            pool = _STANDING = _Standing(workers - 1)
+            pool = _STANDING = _Standing(size)
         except (OSError, MemoryError):
             return None
     try:
-        outcomes = pool.round(orders, job, count, workers, second)
+        outcomes = run(pool)
     except BaseException:
         pool.close(kill=True)  # mid-round: their outcomes would answer the next round
         _STANDING = None
