@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import pytest
@@ -9,8 +10,11 @@ import torch
 
 from fl_attack.data import load_dataset
 from fl_attack.engine import ReconstructionError, reconstruct, single_sample_gradients
+from fl_attack.engine.inverters import conv2d
 from fl_attack.metrics import psnr
 from fl_attack.models import ARCHITECTURES, build_model
+
+reconstruct_module = importlib.import_module("fl_attack.engine.reconstruct")
 
 
 @pytest.mark.parametrize("dataset", ["MNIST", "CIFAR10", "CIFAR100"])
@@ -92,3 +96,48 @@ def test_default_faces_scenario_model_leaks_in_float32() -> None:
         result = reconstruct(model, single_sample_gradients(model, x, y), tuple(x.shape))
         assert psnr(x, result.image) >= 40.0, (index, result.warnings)
         assert torch.isfinite(result.image).all()
+
+
+def test_clearly_settled_leaky_relu_close_calls_pin_their_true_values(
+    shared_datasets: Path,
+) -> None:
+    # Prepare: CIFAR-10 training images whose first LeakyReLU has close calls that leave the
+    # first conv layer's outputs open (rconv-main, U(-0.5, 0.5), seed 50, float32).
+    data = load_dataset("CIFAR10", root=shared_datasets, limit=8)
+    model = build_model(
+        "rconv-main", activation="ReLU", in_channels=3, num_classes=10, init="uniform", seed=50
+    )
+    first_conv = model.get_submodule("features.0")
+    route = reconstruct_module._Route.of(model, (3, 32, 32))
+    pinned_total = 0
+    for index in range(len(data)):
+        x, y = data.images[index], int(data.labels[index])
+        grads = single_sample_gradients(model, x, y)
+        # Execute: the signal at the first layer's output, its close calls settled
+        partial = reconstruct_module._upper_layers(route, grads, None, None, 0.0)
+        signal = partial.signal
+        assert signal is not None
+        result = reconstruct(model, grads, (3, 32, 32))
+        pinned = result.layers[-1].pinned_units
+        pinned_total += pinned
+        if signal.value_alt is None:
+            assert pinned == 0
+            continue
+        settled = conv2d.settle_by_bias(
+            signal.grad,
+            signal.grad_alt,
+            signal.uncertain,
+            partial.named["features.0.bias"],
+            eps=partial.options.eps,
+        )
+        pin = settled.clear & ~signal.known & signal.value_alt.isfinite()
+        chosen = torch.where(settled.took_alt, signal.value_alt, signal.value)[pin]
+        other = torch.where(settled.took_alt, signal.value, signal.value_alt)[pin]
+        with torch.no_grad():
+            truth = first_conv(x.unsqueeze(0)).double()[0][pin]
+        # Assert: each pinned value is the true pre-activation's branch, far closer to it
+        # than the other; the result counts them and still leaks the image.
+        assert int(pin.sum()) == pinned
+        assert bool(((chosen - truth).abs() * 10 < (other - truth).abs()).all()), index
+        assert psnr(x, result.image) >= 60.0, (index, result.warnings)
+    assert pinned_total > 0
