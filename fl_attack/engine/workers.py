@@ -174,7 +174,7 @@ class _Exchange:
     as it is made, a result costs the round nothing at its end, where one pickle of all of
     them through a pipe kept this process waiting (rconv-main: ~15 ms a round). Also the
     pids of every worker, so that a worker waiting for a first stage can tell that the
-    others died.
+    others died, and the next index nobody has taken (each worker takes one when free).
     """
 
     PENDING, READY, TAKEN, DELIVERED = 0, 1, 2, 3
