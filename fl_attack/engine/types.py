@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -208,15 +207,3 @@ class Reconstruction:
     def exact(self) -> bool:
         """True when no layer lost information (no warnings)."""
         return not self.warnings
-
-    def __reduce__(self) -> tuple[object, ...]:
-        # Results travel back from a round's worker processes: the image as a numpy array
-        # pickles in half the time of a tensor and loads in 40 % of it.
-        image = self.image.detach().cpu().numpy()
-        parts = (image, self.label, self.layers, self.seconds, self.warnings, self.notes)
-        return (_restore_reconstruction, (*parts, self.evidence))
-
-
-def _restore_reconstruction(image: np.ndarray, *rest: object) -> Reconstruction:
-    """A :class:`Reconstruction` from its pickled parts."""
-    return Reconstruction(torch.from_numpy(image), *rest)  # type: ignore[arg-type]

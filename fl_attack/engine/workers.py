@@ -235,7 +235,7 @@ class _Exchange:
     def _leave(self, index: int, value: object, state: int) -> bool:
         """Pickle ``value`` into the board and publish it as ``index``'s, in ``state``."""
         try:
-            data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+            data = _dumps(value)
         except Exception as exc:  # raised where it was made, like an error of the job
             raise RuntimeError(f"a worker's result does not pickle: {exc}") from exc
         board = self.board
@@ -463,7 +463,7 @@ def _run(
     except BaseException as exc:  # sent to the caller, raised there
         outcome = ("raised", exc, traceback.format_exc())
     try:
-        return pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
+        return _dumps(outcome)
     except Exception as exc:  # an exception that does not pickle
         error = RuntimeError(f"a worker's outcome does not pickle: {exc}")
         return pickle.dumps(("raised", error, traceback.format_exc()))
@@ -597,7 +597,8 @@ class _Pickler(pickle.Pickler):
     """Pickles plain CPU tensors as NumPy arrays, which is far faster.
 
     For 64 clients' gradients, pickling takes 3.6 ms instead of 20 ms and loading takes
-    1.6 ms instead of 23 ms.
+    1.6 ms instead of 23 ms. Results and first-stage results (32 of rconv-main) take 1.3 and
+    1.3 ms, and 3.6 and 2.5 ms: no slower than NumPy reductions written for each class.
     """
 
     def reducer_override(self, obj: object) -> object:
@@ -609,14 +610,19 @@ class _Pickler(pickle.Pickler):
         return NotImplemented
 
 
+def _dumps(value: object) -> bytes:
+    """``value`` pickled as it travels between workers (tensors as NumPy arrays)."""
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+    return buffer.getvalue()
+
+
 def _orders(job: Callable[[int], Any], second: Callable[[int, Any], Any] | None) -> bytes | None:
     """``(job, second)`` pickled for a standing worker; None if they do not pickle."""
-    buffer = io.BytesIO()
     try:
-        _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump((job, second))
+        return _dumps((job, second))
     except Exception:  # closures, lambdas, local classes: workers forked for the call
         return None
-    return buffer.getvalue()
 
 
 def _fork_and_collect(

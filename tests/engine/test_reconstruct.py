@@ -21,6 +21,7 @@ from fl_attack.engine import (
     reconstruct_many,
     single_sample_gradients,
     validate,
+    workers,
 )
 from fl_attack.engine.inverters import conv2d
 from fl_attack.engine.shared import clear_weight_cache
@@ -243,7 +244,7 @@ def test_a_clients_first_stage_survives_the_hand_over_between_workers() -> None:
     route = reconstruct_module._Route.of(model, (1, 32, 32))
     partial = reconstruct_module._upper_layers(route, grads, None, None, 0.0)
     # Execute: through a pickle, as it travels to whichever worker is free
-    copy = pickle.loads(pickle.dumps(partial))
+    copy = pickle.loads(workers._dumps(partial))
     # Assert: every tensor of the signal intact (the missing ones still missing), the rest
     # equal, and the second stage gives the same image from either.
     assert partial.signal is not None and copy.signal is not None
@@ -268,7 +269,7 @@ def test_a_result_survives_the_way_back_from_a_worker() -> None:
     x = torch.rand(1, 32, 32, generator=torch.Generator().manual_seed(8))
     result = reconstruct(model, single_sample_gradients(model, x, 3), (1, 32, 32))
     # Execute
-    copy = pickle.loads(pickle.dumps(result))
+    copy = pickle.loads(workers._dumps(result))
     # Assert: the image bit for bit, as a tensor of its dtype; every other field equal.
     assert isinstance(copy.image, torch.Tensor)
     torch.testing.assert_close(copy.image, result.image, rtol=0, atol=0)
