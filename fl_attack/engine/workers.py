@@ -82,12 +82,14 @@ def available_cores() -> int:
 
 
 class _Board:
-    """Shared memory in which a round's workers leave column blocks for each other.
+    """Shared memory in which a round's workers leave work for each other.
 
-    Made before the fork (an anonymous shared mapping and a lock), so every worker of one
-    :func:`map_in_workers` call sees the same one. A directory of tables, each keyed by a
-    digest of the caller's key, holds one state per block (free, taken by a pid, done) and
-    the matrix itself, stored column by column.
+    Made before the fork (an anonymous shared mapping and a lock), so every worker sees
+    the same one: for one :func:`map_in_workers` call, or reset between the rounds of
+    standing workers. It holds the rounds' hand-over records and data (:class:`_Exchange`)
+    and a directory of tables for :func:`shared_columns`, each keyed by a digest of the
+    caller's key, with one state per block (free, taken by a pid, done) and the matrix
+    itself, stored column by column.
     """
 
     # Directory: bytes used, tables used; then one record per table.
@@ -99,8 +101,7 @@ class _Board:
     def __init__(self, size: int | None = None, tables: int = _BOARD_TABLES) -> None:
         self.memory = mmap.mmap(-1, size or _BOARD_BYTES)
         self.tables = tables
-        # Bytes used (the directory itself), tables used.
-        self._HEAD.pack_into(self.memory, 0, self._record(tables), 0)
+        self.reset()
         self.lock = multiprocessing.get_context("fork").Lock()
 
     def close(self) -> None:
@@ -108,6 +109,7 @@ class _Board:
 
     def reset(self) -> None:
         """Forget every table and record (a standing board, between rounds)."""
+        # Bytes used (the directory itself), tables used.
         self._HEAD.pack_into(self.memory, 0, self._record(self.tables), 0)
 
     @contextlib.contextmanager
@@ -120,16 +122,19 @@ class _Board:
             if locked:
                 self.lock.release()
 
-    def allocate(self, nbytes: int) -> int | None:
-        """Offset of ``nbytes`` fresh bytes (8-aligned); None if the board is full.
+    def allocate(self, nbytes: int, *, cleared: int = 0) -> int | None:
+        """Offset of ``nbytes`` unused bytes (8-aligned); None if the board is full.
 
-        The caller holds the lock, or no other process exists yet.
+        A board reused from round to round holds earlier rounds' bytes there: the first
+        ``cleared`` of them are set to 0 (states that start at 0; data is written before it
+        is read). The caller holds the lock, or no other process exists yet.
         """
         used, count = self._HEAD.unpack_from(self.memory, 0)
         need = -(-nbytes // 8) * 8
         if used + need > len(self.memory):
             return None
         self._HEAD.pack_into(self.memory, 0, used + need, count)
+        self.memory[used : used + cleared] = bytes(cleared)
         return used
 
     def table(self, digest: bytes, rows: int, columns: int, blocks: int) -> int | None:
@@ -141,10 +146,9 @@ class _Board:
                 return offset if (r, c, b) == (rows, columns, blocks) else None
         if count == self.tables:
             return None
-        offset = self.allocate(8 * (blocks + rows * columns))
+        offset = self.allocate(8 * (blocks + rows * columns), cleared=8 * blocks)  # all free
         if offset is None:
             return None
-        self.states(offset, blocks)[:] = 0  # free (a standing board holds an earlier round's)
         self._RECORD.pack_into(
             self.memory, self._record(count), digest, rows, columns, blocks, offset
         )
@@ -186,7 +190,9 @@ class _Exchange:
         Raises MemoryError if the board cannot hold new records.
         """
         size = self._FIELDS * count
-        offset = board.allocate(8 * (size + workers + 1)) if at is None else at
+        # New: every record pending, no pid, the first index next.
+        nbytes = 8 * (size + workers + 1)
+        offset = board.allocate(nbytes, cleared=nbytes) if at is None else at
         if offset is None:
             raise MemoryError("the board has no room for the hand-over's records")
         self.board, self.offset, self.count = board, offset, count
@@ -195,10 +201,7 @@ class _Exchange:
         self.pids = np.frombuffer(board.memory, np.int64, workers, offset + 8 * size)
         # The next index nobody has taken yet.
         self.tickets = np.frombuffer(board.memory, np.int64, 1, offset + 8 * (size + workers))
-        if at is None:  # new: clear what an earlier round left in a standing board
-            self.records[:] = self.PENDING
-            self.pids[:] = 0
-            self.tickets[0] = 0
+        if at is None:
             self.pids[0] = os.getpid()
 
     def next_index(self) -> int | None:
