@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import hashlib
 import io
 import mmap
@@ -451,8 +452,9 @@ def _run(
     job: Callable[[int], object],
     exchange: _Exchange,
     second: Callable[[int, object], object] | None,
-) -> bytes:
-    """A forked worker's share of a round, as the pickled outcome to send back.
+    out: int,
+) -> None:
+    """A forked worker's share of a round; its outcome is sent to ``out``.
 
     The outcome is ``("ok", [(index, result), ...], "")``, with the results not delivered
     through ``exchange``, or ``("raised", exception, traceback)``.
@@ -466,34 +468,40 @@ def _run(
     except BaseException as exc:  # sent to the caller, raised there
         outcome = ("raised", exc, traceback.format_exc())
     try:
-        return _dumps(outcome)
+        data = _dumps(outcome)
     except Exception as exc:  # an exception that does not pickle
         error = RuntimeError(f"a worker's outcome does not pickle: {exc}")
-        return pickle.dumps(("raised", error, traceback.format_exc()))
+        data = pickle.dumps(("raised", error, traceback.format_exc()))
+    _send(out, data)
 
 
-def _child(
-    job: Callable[[int], object],
-    out: int,
-    board: _Board,
-    second: Callable[[int, object], object] | None,
-    exchange: _Exchange,
-) -> None:
-    """A worker forked for one call: its share of the round, its outcome to ``out``.
-
-    Never returns.
-    """
+def _as_worker(board: _Board, body: Callable[[], None]) -> None:
+    """Run ``body`` as a forked worker of ``board``, on one thread, then leave; never returns."""
     _HERE.board = board
     code = 0
     try:
         _one_thread()
-        data = _run(job, exchange, second)
-        with os.fdopen(out, "wb") as pipe:
-            pipe.write(data)
+        body()
     except BaseException:
         code = 1
     finally:
         os._exit(code)
+
+
+def _send(fd: int, data: bytes) -> None:
+    """A message to the calling process: its length, then itself."""
+    _write_all(fd, _LENGTH.pack(len(data)))
+    _write_all(fd, data)
+
+
+def _receive(fd: int) -> tuple[str, object, str] | None:
+    """A worker's outcome from its pipe; None if the worker died before it was whole."""
+    head = _read_exactly(fd, _LENGTH.size)
+    data = None if head is None else _read_exactly(fd, _LENGTH.unpack(head)[0])
+    try:
+        return None if data is None else pickle.loads(data)
+    except Exception:  # cut short, or a class this process lacks
+        return None
 
 
 def _work_here(
@@ -641,7 +649,7 @@ def _fork_and_collect(
     """
     children: list[tuple[int, int]] = []  # (pid, read end of its pipe)
     outcomes: list[tuple[str, object, str] | None] = []
-    handed: list[tuple[int, object]] = []
+    checked = None
     try:
         board = _Board()
         exchange = _Exchange(board, count, workers)
@@ -655,7 +663,7 @@ def _fork_and_collect(
                 os.close(read)
                 for _, other in children:
                     os.close(other)
-                _child(job, write, board, second, exchange)
+                _as_worker(board, functools.partial(_run, job, exchange, second, write))
             os.close(write)  # else a later child holds it open and the read never ends
             children.append((pid, read))
             exchange.pids[len(children)] = pid
@@ -665,15 +673,8 @@ def _fork_and_collect(
         except Exception as exc:
             return [("raised", exc, traceback.format_exc())]  # the children are stopped below
         outcomes.append(mine)
-        for _, read in children:  # read every pipe to its end before reaping
-            with os.fdopen(read, "rb", closefd=False) as pipe:
-                data = pipe.read()
-            try:
-                outcomes.append(pickle.loads(data))
-            except Exception:  # empty or cut short: the child died
-                outcomes.append(None)
-        if None not in outcomes:
-            handed = exchange.delivered()
+        outcomes.extend(_receive(read) for _, read in children)  # read before reaping
+        checked = _checked(outcomes, exchange, count)  # while the board is open
     except OSError:  # fork or pipe failed (out of processes or memory)
         return None
     finally:
@@ -690,17 +691,18 @@ def _fork_and_collect(
         exchange = None  # type: ignore[assignment]  # views the board, which then closes
         with contextlib.suppress(BufferError):  # still viewed (a traceback keeps a frame):
             board.close()  # unmapped once the last view goes
-    return _checked(outcomes, handed, count)
+    return checked
 
 
 def _checked(
-    outcomes: list[tuple[str, object, str] | None], handed: list[tuple[int, object]], count: int
+    outcomes: list[tuple[str, object, str] | None], exchange: _Exchange, count: int
 ) -> list[tuple[str, object, str]] | None:
-    """Every outcome and the delivered results; None if a worker is missing or an index."""
+    """Every outcome and the results delivered through ``exchange``; None if a worker is
+    missing or an index."""
     if any(outcome is None for outcome in outcomes):
         return None
     complete = [outcome for outcome in outcomes if outcome is not None]
-    complete.append(("ok", handed, ""))  # the other workers' results delivered on the board
+    complete.append(("ok", exchange.delivered(), ""))  # the other workers' results
     done = sum(len(value) for kind, value, _ in complete if kind == "ok")  # type: ignore[arg-type]
     if done != count and all(kind == "ok" for kind, _, _ in complete):
         return None  # every index must come back exactly once
@@ -731,7 +733,7 @@ class _Standing:
                     for _, other_orders, other_outcomes in self.children:
                         os.close(other_orders)
                         os.close(other_outcomes)
-                    _serve(self.board, orders, outcomes)
+                    _as_worker(self.board, functools.partial(_serve, self.board, orders, outcomes))
                 os.close(orders)
                 os.close(outcomes)
                 self.children.append((pid, write_orders, read_outcomes))
@@ -781,16 +783,11 @@ class _Standing:
             ("ok", _work_here(job, board, second, exchange), "")
         ]
         for _, _, read_outcomes in used:
-            data = _read_message(read_outcomes)
-            try:
-                outcome = pickle.loads(data) if data is not None else None
-            except Exception:  # cut short
-                outcome = None
+            outcome = _receive(read_outcomes)
             if outcome is not None and outcome[0] == "unloadable":
                 outcome, self.stale = ("ok", [], ""), True  # it took no index: done here
             outcomes.append(outcome)
-        handed = exchange.delivered() if None not in outcomes else []
-        return _checked(outcomes, handed, count)
+        return _checked(outcomes, exchange, count)
 
     def close(self, *, kill: bool = False) -> None:
         """Let the workers go (their orders pipe closes), or kill them; reaped in the background."""
@@ -808,32 +805,20 @@ class _Standing:
 
 
 def _serve(board: _Board, orders: int, outcomes: int) -> None:
-    """A standing worker: its share of each round it is ordered to, until the orders stop.
-
-    Never returns.
-    """
-    _HERE.board = board
-    code = 0
-    try:
-        _one_thread()
-        while (message := _read_exactly(orders, _ORDERS.size)) is not None:
-            at, length, records, count, workers = _ORDERS.unpack(message)
-            # Each round on an empty cache: a server's rounds bring new weights, and an
-            # earlier round's entries would only hold memory (up to the cache's budget).
-            shared.clear_weight_cache()
-            try:
-                job, second = pickle.loads(board.memory[at : at + length])
-            except Exception as exc:  # e.g. a class defined after this worker was forked
-                data = pickle.dumps(("unloadable", repr(exc), ""))
-            else:
-                data = _run(job, _Exchange(board, count, workers, at=records), second)
-                del job, second
-            os.write(outcomes, _LENGTH.pack(len(data)))
-            _write_all(outcomes, data)
-    except BaseException:
-        code = 1
-    finally:
-        os._exit(code)
+    """A standing worker's life: its share of each round it is ordered to, until the orders
+    stop (the pipe closes)."""
+    while (message := _read_exactly(orders, _ORDERS.size)) is not None:
+        at, length, records, count, workers = _ORDERS.unpack(message)
+        # Each round on an empty cache: a server's rounds bring new weights, and an
+        # earlier round's entries would only hold memory (up to the cache's budget).
+        shared.clear_weight_cache()
+        try:
+            job, second = pickle.loads(board.memory[at : at + length])
+        except Exception as exc:  # e.g. a class defined after this worker was forked
+            _send(outcomes, pickle.dumps(("unloadable", repr(exc), "")))
+            continue
+        _run(job, _Exchange(board, count, workers, at=records), second, outcomes)
+        del job, second
 
 
 def _read_exactly(fd: int, size: int) -> bytes | None:
@@ -846,12 +831,6 @@ def _read_exactly(fd: int, size: int) -> bytes | None:
         chunks.append(chunk)
         left -= len(chunk)
     return b"".join(chunks)
-
-
-def _read_message(fd: int) -> bytes | None:
-    """A length-prefixed message from a pipe; None if it ends first."""
-    head = _read_exactly(fd, _LENGTH.size)
-    return None if head is None else _read_exactly(fd, _LENGTH.unpack(head)[0])
 
 
 def _write_all(fd: int, data: bytes) -> None:
