@@ -243,13 +243,12 @@ class Conv2dInverter(Inverter):
         value, known = output.value, output.known
         pinned = 0
         if output.uncertain is not None and output.grad_alt is not None and "bias" in grads:
-            pinnable = output.value_alt is not None
             settled = settle_by_bias(
                 output.grad,
                 output.grad_alt,
                 output.uncertain,
                 grads["bias"],
-                eps=options.eps if pinnable else None,
+                eps=options.eps if output.value_alt is not None else None,  # judged if used
             )
             d_out, resolved, unresolved = settled.grad, settled.resolved, settled.unresolved
             if output.value_alt is not None:
