@@ -324,11 +324,67 @@ def _first_layer(
     route: _Route, input_floor: float | None, partial: _Partial, start: float
 ) -> Reconstruction:
     """The first layer below :func:`_upper_layers`' result, then the label and evidence."""
+    name, layer = route.chain[0]
+    inverter = inverter_for(layer)
+    assert inverter is not None
+    with torch.no_grad():
+        signal, diag = inverter.invert(
+            layer,
+            name,
+            _own_gradients(partial.named, name, layer),
+            partial.signal,
+            route.shapes[0],
+            partial.options,
+            input_floor=input_floor,
+        )
+    return _finished(route, partial, signal, diag, time.perf_counter() - start)
+
+
+def _first_layers(
+    route: _Route, input_floor: float | None, partials: Sequence[_Partial]
+) -> list[Reconstruction | EngineError]:
+    """:func:`_first_layer` of several clients at once: the layer's inverter may share work
+    among them (:meth:`~fl_attack.engine.registry.Inverter.invert_many`)."""
+    name, layer = route.chain[0]
+    inverter = inverter_for(layer)
+    assert inverter is not None
+    with torch.no_grad():
+        inverted = inverter.invert_many(
+            layer,
+            name,
+            [_own_gradients(partial.named, name, layer) for partial in partials],
+            [partial.signal for partial in partials],
+            route.shapes[0],
+            [partial.options for partial in partials],
+            input_floor=input_floor,
+        )
+    out: list[Reconstruction | EngineError] = []
+    for partial, outcome in zip(partials, inverted, strict=True):
+        if isinstance(outcome, EngineError):
+            out.append(outcome)
+            continue
+        start = time.perf_counter()
+        signal, diag = outcome
+        try:
+            # The layer's time is its diagnostics' (with its share of the batch's work).
+            out.append(
+                _finished(route, partial, signal, diag, diag.seconds + time.perf_counter() - start)
+            )
+        except EngineError as exc:
+            out.append(exc.with_traceback(None))
+    return out
+
+
+def _finished(
+    route: _Route, partial: _Partial, signal: Signal, diag: LayerDiagnostics, seconds: float
+) -> Reconstruction:
+    """A client's result from its first layer's input: label, findings and evidence.
+
+    ``seconds`` is the time spent below the upper layers so far (the evidence adds its own).
+    """
+    start = time.perf_counter()
     named, options = partial.named, partial.options
-    signal, diagnostics = _invert(
-        route, named, options, input_floor, partial.signal, list(partial.diagnostics), 0
-    )
-    assert signal is not None
+    diagnostics = [*partial.diagnostics, diag]
     last_bias = named[_prefix(route.chain[-1][0]) + "bias"]
     label = int(last_bias.argmin())
     warnings, notes = _findings(diagnostics, last_bias, options)
@@ -339,11 +395,21 @@ def _first_layer(
         image=image,
         label=label,
         layers=tuple(diagnostics),
-        seconds=partial.seconds + time.perf_counter() - start,
+        seconds=partial.seconds + seconds + time.perf_counter() - start,
         warnings=tuple(warnings),
         notes=tuple(notes),
         evidence=evidence,
     )
+
+
+def _own_gradients(
+    named: Mapping[str, torch.Tensor], name: str, layer: nn.Module
+) -> dict[str, torch.Tensor]:
+    """The layer's own parameter gradients, by local name, in float64."""
+    return {
+        local: named[_prefix(name) + local].to(torch.float64)
+        for local, _ in layer.named_parameters(recurse=False)
+    }
 
 
 def _prefix(name: str) -> str:
@@ -367,10 +433,7 @@ def _invert(
             name, layer = chain[index]
             inverter = inverter_for(layer)
             assert inverter is not None
-            own = {
-                local: named[_prefix(name) + local].to(torch.float64)
-                for local, _ in layer.named_parameters(recurse=False)
-            }
+            own = _own_gradients(named, name, layer)
             below = inverter_for(chain[index - 1][1]) if index > 0 else None
             floor = below.output_floor(chain[index - 1][1]) if below is not None else input_floor
             signal, diag = inverter.invert(
@@ -421,6 +484,8 @@ def reconstruct_many(
     stages = Staged(
         functools.partial(_upper_stage, route, options, input_floor),
         functools.partial(_first_stage, route, input_floor),
+        # Several clients' first layers at once: one pass over a shared factorisation.
+        functools.partial(_first_stages, route, input_floor),
     )
     return attack_each(stages, gradients, workers)
 
@@ -442,6 +507,13 @@ def _first_stage(
 ) -> Reconstruction:
     del grads  # checked and carried in the partial
     return _first_layer(route, input_floor, partial, time.perf_counter())
+
+
+def _first_stages(
+    route: _Route, input_floor: float | None, grads: list[Gradients], partials: list[_Partial]
+) -> list[Reconstruction | EngineError]:
+    del grads  # checked and carried in the partials
+    return _first_layers(route, input_floor, partials)
 
 
 def _findings(

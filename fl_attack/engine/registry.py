@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 import torch
 from torch import nn
 
-from fl_attack.engine.types import LayerDiagnostics, Signal, SolveOptions
+from fl_attack.engine.types import EngineError, LayerDiagnostics, Signal, SolveOptions
 
 __all__ = ["INVERTERS", "Inverter", "inverter_for", "register_inverter", "registered_types"]
 
@@ -66,6 +66,43 @@ class Inverter(ABC):
             A known lower bound of the layer input (0 after a ReLU), usable when the
             layer's equations alone leave directions undetermined.
         """
+
+    def invert_many(
+        self,
+        layer: nn.Module,
+        name: str,
+        grads: Sequence[Mapping[str, torch.Tensor]],
+        outputs: Sequence[Signal | None],
+        input_shape: Shape,
+        options: Sequence[SolveOptions],
+        *,
+        input_floor: float | None = None,
+    ) -> list[tuple[Signal, LayerDiagnostics] | EngineError]:
+        """:meth:`invert` for several clients of one round (the same layer and weights).
+
+        An inverter whose clients share work when they come together (one pass over a
+        factorisation for all of them) overrides this; by default each client is inverted
+        on its own. The arguments are :meth:`invert`'s, one entry per client where they
+        differ.
+
+        Returns
+        -------
+        list
+            Per client, :meth:`invert`'s result or the
+            :class:`~fl_attack.engine.EngineError` it raised (one client's bad update does
+            not stop the others).
+        """
+        out: list[tuple[Signal, LayerDiagnostics] | EngineError] = []
+        for own, output, opts in zip(grads, outputs, options, strict=True):
+            try:
+                inverted = self.invert(
+                    layer, name, own, output, input_shape, opts, input_floor=input_floor
+                )
+            except EngineError as exc:
+                out.append(exc.with_traceback(None))  # a result now: its frames need not live on
+                continue
+            out.append(inverted)
+        return out
 
     def output_floor(self, layer: nn.Module) -> float | None:
         """A lower bound every output of this layer satisfies (None if unbounded)."""

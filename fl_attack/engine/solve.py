@@ -25,6 +25,7 @@ __all__ = [
     "SquareFactor",
     "cholesky",
     "cholesky_solve",
+    "deflation_columns",
     "factor_square",
     "normal_matrix",
     "solve_deflated",
@@ -754,6 +755,19 @@ def factor_square(
     return SquareFactor(lu=lu, basis=basis, k_basis=k_basis, k_gram=k_basis.T @ k_basis)
 
 
+def deflation_columns(target: torch.Tensor, free_rows: torch.Tensor) -> np.ndarray:
+    """The columns :func:`solve_deflated` solves ``K`` for: ``[target, e_row...]``, (n, 1 + m).
+
+    ``K^-1 target`` is the weight system's own answer; ``K^-1 e_row`` per free row moves
+    that row only.
+    """
+    n, m = target.shape[0], free_rows.numel()
+    columns = np.zeros((n, 1 + m))
+    columns[:, 0] = target.numpy()
+    columns[free_rows.numpy(), np.arange(1, m + 1)] = 1.0
+    return columns
+
+
 def solve_deflated(
     factor: SquareFactor,
     target: torch.Tensor,
@@ -764,6 +778,7 @@ def solve_deflated(
     rank_rtol: float,
     free_rows: torch.Tensor | None = None,
     other_on_basis: torch.Tensor | None = None,
+    solved: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Least squares of ``[K / k_scale; A] z = [target / k_scale; other_rhs]`` near ``K^-1 target``.
 
@@ -794,6 +809,9 @@ def solve_deflated(
         Indices of rows of ``K`` whose right-hand side is unknown.
     other_on_basis : torch.Tensor, optional
         ``apply_other(factor.basis)``, when the caller has a faster way to it.
+    solved : torch.Tensor, optional
+        ``K^-1`` of :func:`deflation_columns`, when the caller has solved it already (for
+        several clients in one pass over the LU, say).
 
     Returns
     -------
@@ -801,14 +819,10 @@ def solve_deflated(
         ``z`` (n,) float64; None when the small system is rank-deficient at ``rank_rtol``
         (the subspace does not determine the answer: use a full solve).
     """
-    n = target.shape[0]
     free = free_rows if free_rows is not None else torch.zeros(0, dtype=torch.long)
     m = free.numel()
-    # One sparse solve for K^-1 target and, per free row, K^-1 e_row (it moves that row only).
-    columns = np.zeros((n, 1 + m))
-    columns[:, 0] = target.numpy()
-    columns[free.numpy(), np.arange(1, m + 1)] = 1.0
-    solved = torch.from_numpy(factor.lu.solve(columns))
+    if solved is None:
+        solved = torch.from_numpy(factor.lu.solve(deflation_columns(target, free)))
     if not bool(torch.isfinite(solved).all()):
         return None
     z0, reach = solved[:, 0], solved[:, 1:]

@@ -50,7 +50,14 @@ from threadpoolctl import ThreadpoolController
 from fl_attack.engine import shared
 from fl_attack.engine.types import EngineError
 
-__all__ = ["Staged", "attack_each", "available_cores", "map_in_workers", "shared_columns"]
+__all__ = [
+    "Batched",
+    "Staged",
+    "attack_each",
+    "available_cores",
+    "map_in_workers",
+    "shared_columns",
+]
 
 T = TypeVar("T")
 C = TypeVar("C")
@@ -254,29 +261,36 @@ class _Exchange:
             self.records[index, 0] = state
         return True
 
-    def take(self) -> tuple[int, object] | None:
-        """The lowest index whose first stage is done and second stage not taken, and its
-        first-stage result; waits while first stages still run elsewhere. None when every
+    def take(self, most: int = 1) -> list[tuple[int, object]]:
+        """The lowest indices whose first stage is done and second stage not taken, with their
+        first-stage results; waits while first stages still run elsewhere. Empty when every
         second stage is taken, or a worker has died (the round then fails as a whole).
+
+        Takes up to ``most`` at once, fewer as the round nears its end (a quarter of the
+        untaken ones per worker), so that no worker is left with a batch while the others
+        have nothing.
         """
         records, board = self.records, self.board
         while True:
-            data = None
+            taken: list[tuple[int, bytes]] = []
             with board.held() as locked:
                 if not locked:
-                    return None
-                ready = np.flatnonzero(records[:, 0] == self.READY)
+                    return []
+                states = records[:, 0]
+                ready = np.flatnonzero(states == self.READY)
                 if ready.size:
-                    index = int(ready[0])
-                    records[index, 0] = self.TAKEN
-                    offset, length = (int(v) for v in records[index, 1:])
-                    data = board.memory[offset : offset + length]  # a copy
-                elif not (records[:, 0] == self.PENDING).any():
-                    return None
-            if data is not None:
-                return index, pickle.loads(data)
+                    untaken = ready.size + int((states == self.PENDING).sum())
+                    share = max(1, min(most, untaken // (2 * self.pids.size)))
+                    for index in ready[:share].tolist():
+                        records[index, 0] = self.TAKEN
+                        offset, length = (int(v) for v in records[index, 1:])
+                        taken.append((index, board.memory[offset : offset + length]))  # copies
+                elif not (states == self.PENDING).any():
+                    return []
+            if taken:
+                return [(index, pickle.loads(data)) for index, data in taken]
             if any(pid and not _alive(int(pid)) for pid in self.pids):
-                return None
+                return []
             time.sleep(1e-4)
 
 
@@ -410,34 +424,65 @@ def _shared_blocks(
 def _work(
     job: Callable[[int], object],
     exchange: _Exchange,
-    second: Callable[[int, object], object] | None = None,
+    second: Second[object, object] | None = None,
     *,
     deliver: bool = False,
 ) -> list[tuple[int, object]]:
     """Run ``job`` on the round's indices, taking the next one whenever free, until none are left.
 
     With ``second``, ``job`` is the first stage: its results go to ``exchange``, and once
-    every index is taken this worker takes second stages, of any worker's first stages.
-    With ``deliver`` (a forked worker), each final result goes to ``exchange`` as soon as
-    it is made; the ones returned are those the board had no room for.
+    every index is taken this worker takes second stages, of any worker's first stages
+    (several at once if ``second`` is :class:`Batched`). With ``deliver`` (a forked
+    worker), each final result goes to ``exchange`` as soon as it is made; the ones
+    returned are those the board had no room for.
     """
     done: list[tuple[int, object]] = []
+    batched = _as_batched(second) if second is not None else None
 
-    def finish(index: int, result: object) -> None:
-        if not (deliver and exchange.deliver(index, result)):
-            done.append((index, result))
+    def finish(indices: list[int], results: list[object]) -> None:
+        for index, result in zip(indices, results, strict=True):
+            if not (deliver and exchange.deliver(index, result)):
+                done.append((index, result))
 
     while (index := exchange.next_index()) is not None:
-        if second is None:
-            finish(index, job(index))
+        if batched is None:
+            finish([index], [job(index)])
             continue
         state = job(index)
         if not exchange.put(index, state):  # no room to hand it over: finish it here
-            finish(index, second(index, state))
-    if second is not None:
-        while (taken := exchange.take()) is not None:
-            finish(taken[0], second(*taken))
+            finish([index], batched.run([index], [state]))
+    if batched is not None:
+        while taken := exchange.take(batched.most):
+            indices = [index for index, _ in taken]
+            finish(indices, batched.run(indices, [state for _, state in taken]))
     return done
+
+
+@dataclass(frozen=True, slots=True)
+class Batched(Generic[S, T]):
+    """A second stage that takes several indices at once: ``run(indices, states) -> results``.
+
+    For clients that share work only when they come together (e.g. one pass over a
+    factorisation for all of them). A worker takes at most ``most`` at a time, fewer near
+    the end of a round (see :meth:`_Exchange.take`).
+    """
+
+    run: Callable[[list[int], list[S]], list[T]]
+    most: int = 8
+
+
+# A second stage: one index at a time, ``(index, state) -> result``, or several (Batched).
+Second = Callable[[int, S], T] | Batched[S, T]
+
+
+def _as_batched(second: Second[S, T]) -> Batched[S, T]:
+    if isinstance(second, Batched):
+        return second
+    return Batched(functools.partial(_one_by_one, second), 1)
+
+
+def _one_by_one(second: Callable[[int, S], T], indices: list[int], states: list[S]) -> list[T]:
+    return [second(index, state) for index, state in zip(indices, states, strict=True)]
 
 
 def _one_thread() -> None:
@@ -451,7 +496,7 @@ def _one_thread() -> None:
 def _run(
     job: Callable[[int], object],
     exchange: _Exchange,
-    second: Callable[[int, object], object] | None,
+    second: Second[object, object] | None,
     out: int,
 ) -> None:
     """A forked worker's share of a round; its outcome is sent to ``out``.
@@ -507,7 +552,7 @@ def _receive(fd: int) -> tuple[str, object, str] | None:
 def _work_here(
     job: Callable[[int], object],
     board: _Board,
-    second: Callable[[int, object], object] | None,
+    second: Second[object, object] | None,
     exchange: _Exchange,
 ) -> list[tuple[int, object]]:
     """This process's share of the round, on one thread like the other workers'."""
@@ -528,7 +573,7 @@ def map_in_workers(job: Callable[[int], T], count: int, workers: int) -> list[T]
 
 @overload
 def map_in_workers(
-    job: Callable[[int], S], count: int, workers: int, second: Callable[[int, S], T]
+    job: Callable[[int], S], count: int, workers: int, second: Second[S, T]
 ) -> list[T] | None: ...
 
 
@@ -536,7 +581,7 @@ def map_in_workers(
     job: Callable[[int], Any],
     count: int,
     workers: int,
-    second: Callable[[int, Any], Any] | None = None,
+    second: Second[Any, Any] | None = None,
 ) -> list[Any] | None:
     """``[job(i) for i in range(count)]``, spread over this process and ``workers - 1`` others.
 
@@ -557,9 +602,10 @@ def map_in_workers(
         Number of indices.
     workers : int
         Processes to use, this one included (at most ``count``).
-    second : callable, optional
+    second : callable or Batched, optional
         ``(index, job's result) -> result``: a second stage, run in whichever worker is
         free once every first stage has been taken; ``job``'s results must then pickle.
+        A :class:`Batched` second stage takes several indices and their results at once.
 
     Returns
     -------
@@ -628,7 +674,7 @@ def _dumps(value: object) -> bytes:
     return buffer.getvalue()
 
 
-def _orders(job: Callable[[int], Any], second: Callable[[int, Any], Any] | None) -> bytes | None:
+def _orders(job: Callable[[int], Any], second: Second[Any, Any] | None) -> bytes | None:
     """``(job, second)`` pickled for a standing worker; None if they do not pickle."""
     try:
         return _dumps((job, second))
@@ -640,7 +686,7 @@ def _fork_and_collect(
     job: Callable[[int], object],
     count: int,
     workers: int,
-    second: Callable[[int, object], object] | None = None,
+    second: Second[object, object] | None = None,
 ) -> list[tuple[str, object, str]] | None:
     """This process and ``workers - 1`` children forked for this call, sharing the indices.
 
@@ -754,7 +800,7 @@ class _Standing:
         job: Callable[[int], object],
         count: int,
         workers: int,
-        second: Callable[[int, object], object] | None,
+        second: Second[object, object] | None,
     ) -> list[tuple[str, object, str]] | None:
         """One round over this process and ``workers - 1`` standing workers.
 
@@ -913,10 +959,20 @@ class Staged(Generic[C, S, R]):
         ``client -> state``; the state must pickle.
     second : callable
         ``(client, state) -> result``.
+    second_many : callable, optional
+        ``(clients, states) -> results``: the second stage of several clients at once,
+        for work they share when they come together (one pass over a factorisation for
+        all of them); each result is the client's, or the
+        :class:`~fl_attack.engine.EngineError` it raised. Used instead of ``second``
+        when given; a worker takes up to ``most`` clients at a time.
+    most : int, optional
+        The most clients ``second_many`` takes at once.
     """
 
     first: Callable[[C], S]
     second: Callable[[C, S], R]
+    second_many: Callable[[list[C], list[S]], list[R | EngineError]] | None = None
+    most: int = 8
 
 
 def attack_each(
@@ -939,6 +995,17 @@ def attack_each(
         raise ValueError(f"workers must be at least 1, got {workers}")
     each = _Each(attack_one, list(clients))
     count = len(each.clients)
+    if isinstance(attack_one, Staged) and attack_one.second_many is not None:
+        batched = Batched(each.second_many, attack_one.most)
+        spread = map_in_workers(each.first, count, workers, batched)
+        if spread is not None:
+            return spread
+        states = [each.first(i) for i in range(count)]
+        out: list[R | EngineError] = []
+        for start in range(0, count, batched.most):
+            indices = list(range(start, min(start + batched.most, count)))
+            out.extend(batched.run(indices, [states[i] for i in indices]))
+        return out
     if isinstance(attack_one, Staged):
         spread = map_in_workers(each.first, count, workers, each.second)
         if spread is not None:
@@ -968,6 +1035,20 @@ class _Each(Generic[C, R]):
         if isinstance(state, EngineError):
             return state
         return _or_error(self.attack.second, self.clients[index], state)
+
+    def second_many(self, indices: list[int], states: list[object]) -> list[R | EngineError]:
+        assert isinstance(self.attack, Staged) and self.attack.second_many is not None
+        out: list[R | EngineError | None] = [
+            state if isinstance(state, EngineError) else None for state in states
+        ]
+        todo = [k for k, state in enumerate(out) if state is None]
+        if todo:
+            done = self.attack.second_many(
+                [self.clients[indices[k]] for k in todo], [states[k] for k in todo]
+            )
+            for k, result in zip(todo, done, strict=True):
+                out[k] = result
+        return out  # type: ignore[return-value]  # every None was filled
 
 
 def _or_error(call: Callable[..., R], *args: object) -> R | EngineError:

@@ -23,6 +23,7 @@ from fl_attack.engine.inverters import conv2d
 from fl_attack.engine.inverters.relu import zero_threshold
 from fl_attack.engine.registry import inverter_for, register_inverter
 from fl_attack.engine.shared import clear_weight_cache
+from fl_attack.engine.solve import OrderedLU
 
 F64 = SolveOptions.for_dtype(torch.float64)
 
@@ -269,6 +270,111 @@ def test_factored_solve_orders_each_geometry_once(monkeypatch: pytest.MonkeyPatc
     # Assert: the first weights found the order, the second reused it.
     assert orders[0] is None
     assert orders[1] is not None and sorted(orders[1].tolist()) == list(range(3072))
+
+
+def _factored_clients(
+    count: int,
+) -> tuple[nn.Conv2d, list[dict[str, torch.Tensor]], list[Signal], list[torch.Tensor]]:
+    """A 3 -> 12 stride-2 layer (its square system takes the factorised path) and ``count``
+    clients' layer gradients and output signals, one of them with a few unknown outputs."""
+    conv = nn.Conv2d(3, 12, 5, stride=2, padding=2).double()
+    nn.init.uniform_(conv.weight, -0.5, 0.5)
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(3072, 5)).double()
+    grads: list[dict[str, torch.Tensor]] = []
+    signals: list[Signal] = []
+    inputs: list[torch.Tensor] = []
+    for k in range(count):
+        x = torch.rand(3, 32, 32, dtype=torch.float64)
+        truth = trace(model, x, k % 5)["0"]
+        known = torch.ones(truth.output.shape, dtype=torch.bool)
+        if k == 1:  # a few free rows: their K^-1 e_row columns are solved with the rest
+            known.view(-1)[torch.randperm(known.numel())[:5]] = False
+        all_grads = _grads(model, x, k % 5)
+        grads.append({"weight": all_grads["0.weight"], "bias": all_grads["0.bias"]})
+        signals.append(Signal(value=truth.output, known=known, grad=truth.grad_output))
+        inputs.append(truth.input)
+    return conv, grads, signals, inputs
+
+
+def test_conv2d_invert_many_equals_invert_client_by_client(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: four clients of one layer; every sparse solve counted by its columns.
+    conv, grads, signals, inputs = _factored_clients(4)
+    inverter = inverter_for(conv)
+    clear_weight_cache()
+    singles = [
+        inverter.invert(conv, "0", g, s, (3, 32, 32), F64)
+        for g, s in zip(grads, signals, strict=True)
+    ]
+    columns: list[int] = []
+    real = OrderedLU.solve
+
+    def counting(self: OrderedLU, rhs: np.ndarray, trans: str = "N") -> np.ndarray:
+        columns.append(1 if rhs.ndim == 1 else rhs.shape[1])
+        return real(self, rhs, trans)
+
+    monkeypatch.setattr(OrderedLU, "solve", counting)
+    # Execute: the factorisation is cached by now; only the clients' solves remain.
+    many = inverter.invert_many(conv, "0", grads, signals, (3, 32, 32), [F64] * 4)
+    # Assert: the same inputs and diagnostics (to rounding), exact; one solve for all four
+    # clients' columns (1 each, and 5 more for the client with free rows).
+    assert columns == [4 + 5]
+    for one, batch, truth in zip(singles, many, inputs, strict=True):
+        assert not isinstance(batch, Exception)
+        torch.testing.assert_close(batch[0].value, one[0].value, rtol=1e-10, atol=1e-12)
+        assert batch[1].constraints == one[1].constraints == "gradient+weight (factored)"
+        assert batch[1].rank == one[1].rank
+        assert_all_close({"input": truth}, {"input": batch[0].value}, rtol=1e-7, atol=1e-8)
+
+
+def test_conv2d_invert_many_keeps_each_clients_error_in_its_place(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: three clients; the second one's solve fails as a too-large system would.
+    conv, grads, signals, inputs = _factored_clients(3)
+    real = conv2d._finish
+
+    def failing(case: object, *args: object, **kwargs: object) -> object:
+        if case is prepared[1]:
+            raise ReconstructionError("layer 0 (Conv2d): no room for this client")
+        return real(case, *args, **kwargs)  # type: ignore[arg-type]
+
+    prepared: list[object] = []
+    real_prepare = conv2d._prepare
+
+    def remembering(*args: object, **kwargs: object) -> object:
+        prepared.append(real_prepare(*args, **kwargs))  # type: ignore[arg-type]
+        return prepared[-1]
+
+    monkeypatch.setattr(conv2d, "_prepare", remembering)
+    monkeypatch.setattr(conv2d, "_finish", failing)
+    # Execute
+    many = inverter_for(conv).invert_many(conv, "0", grads, signals, (3, 32, 32), [F64] * 3)
+    # Assert: the error in the second client's place, the others exact.
+    assert isinstance(many[1], ReconstructionError) and "no room" in str(many[1])
+    for k in (0, 2):
+        result = many[k]
+        assert not isinstance(result, Exception)
+        assert_all_close({"input": inputs[k]}, {"input": result[0].value}, rtol=1e-7, atol=1e-8)
+
+
+def test_an_inverter_without_its_own_batch_inverts_each_client_alone() -> None:
+    # Prepare: a linear layer's two clients, the second with an all-zero bias gradient.
+    layer = nn.Linear(6, 4).double()
+    x = torch.rand(6, dtype=torch.float64)
+    logits = layer(x)
+    grad_out = torch.softmax(logits, 0).detach() - F.one_hot(torch.tensor(1), 4).double()
+    good = {"weight": torch.outer(grad_out, x), "bias": grad_out}
+    bad = {"weight": torch.outer(grad_out, x), "bias": torch.zeros(4, dtype=torch.float64)}
+    inverter = inverter_for(layer)
+    # Execute
+    many = inverter.invert_many(layer, "fc", [good, bad], [None, None], (6,), [F64, F64])
+    # Assert: the first as invert() gives it; the second's error in its place.
+    one, _ = inverter.invert(layer, "fc", good, None, (6,), F64)
+    assert not isinstance(many[0], Exception)
+    torch.testing.assert_close(many[0][0].value, one.value, rtol=0, atol=0)
+    assert isinstance(many[1], ReconstructionError) and "all zero" in str(many[1])
 
 
 def _settle_one_filter_at_a_time(

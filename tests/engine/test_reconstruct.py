@@ -204,15 +204,19 @@ def test_random_conv_stacks_exact_when_accepted(
         torch.testing.assert_close(result.image, x, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("channels", [1, 3])  # the first layer's tall and square systems
 def test_reconstruct_many_equals_one_at_a_time_and_builds_weight_work_once(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, channels: int
 ) -> None:
     # Prepare: one round, three clients, one of them with a gradient that does not fit.
-    model = build_model("rconv-main", activation="ReLU", in_channels=1, num_classes=10, seed=14)
-    images = torch.rand(3, 1, 32, 32)
+    model = build_model(
+        "rconv-main", activation="ReLU", in_channels=channels, num_classes=10, seed=14
+    )
+    shape = (channels, 32, 32)
+    images = torch.rand(3, *shape)
     grads = [single_sample_gradients(model, x, i) for i, x in enumerate(images)]
     bad = {name: g[..., :1] for name, g in grads[0].items()}
-    singles = [reconstruct(model, g, (1, 32, 32)) for g in grads]
+    singles = [reconstruct(model, g, shape) for g in grads]
     calls: list[int] = []
     real = conv2d._weight_matrix_of
 
@@ -223,7 +227,7 @@ def test_reconstruct_many_equals_one_at_a_time_and_builds_weight_work_once(
     monkeypatch.setattr(conv2d, "_weight_matrix_of", counting)
     clear_weight_cache()  # the single runs above filled it
     # Execute
-    many = reconstruct_many(model, [*grads, bad], (1, 32, 32))
+    many = reconstruct_many(model, [*grads, bad], shape)
     # Assert: same images as one at a time; the bad client gets its error, in its place.
     assert len(many) == 4
     assert isinstance(many[3], ReconstructionError)

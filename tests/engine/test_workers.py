@@ -573,6 +573,29 @@ def test_a_slow_first_stage_leaves_the_second_stages_to_the_other_worker() -> No
     assert any(first_pid != second_pid for _, first_pid, _, second_pid, _ in seen)
 
 
+def _second_many(
+    indices: list[int], states: list[tuple[int, int, float]]
+) -> list[tuple[int, int, int]]:
+    time.sleep(0.004 * len(indices))
+    return [
+        (square + index, len(indices), os.getpid())
+        for index, (square, *_) in zip(indices, states, strict=True)
+    ]
+
+
+def test_a_batched_second_stage_takes_several_clients_fewer_near_the_end() -> None:
+    # Execute: at most 4 second stages at once.
+    seen = map_in_workers(_first, 40, 2, workers.Batched(_second_many, most=4))
+    # Assert: every client's own result, in order; batches of up to 4, and single ones at
+    # the end of the round, where a batch would leave the other worker idle.
+    assert seen is not None
+    assert [value for value, _, _ in seen] == [i * i + i for i in range(40)]
+    sizes = [size for _, size, _ in seen]
+    assert max(sizes) == 4 and min(sizes) == 1
+    assert sizes[-1] == 1
+    assert len({pid for *_, pid in seen}) == 2
+
+
 def test_a_full_board_runs_each_second_stage_where_its_first_ran(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -631,6 +654,41 @@ def test_staged_engine_errors_take_their_clients_place(workers: int) -> None:
     assert results[0] == 11 and results[2] == 21
     assert isinstance(results[1], ReconstructionError) and "-1" in str(results[1])
     assert isinstance(results[3], ReconstructionError) and "-2" in str(results[3])
+
+
+def _tenfold(value: int) -> int:
+    if value == -1:
+        raise ReconstructionError("no first stage for -1")
+    return value * 10
+
+
+def _plus_one(value: int, state: int) -> int:
+    return state + 1
+
+
+def _plus_one_each(values: list[int], states: list[int]) -> list[int | ReconstructionError]:
+    # Never given a client whose first stage failed; reports its own errors in place.
+    assert -1 not in values
+    return [
+        ReconstructionError("no second stage for -2") if value == -2 else state + len(values)
+        for value, state in zip(values, states, strict=True)
+    ]
+
+
+@pytest.mark.parametrize("workers_", [1, 2])
+def test_staged_in_batches_keeps_each_clients_error_in_its_place(workers_: int) -> None:
+    # Prepare: 11 clients, two of which fail (one in each stage); batches of up to 3.
+    clients = [1, -1, 2, -2, 3, 4, 5, 6, 7, 8, 9]
+    stages = Staged(_tenfold, _plus_one, second_many=_plus_one_each, most=3)
+    # Execute
+    results = attack_each(stages, clients, workers_)
+    # Assert: each client's result (10 x, plus its batch's size) or its error, in order.
+    assert len(results) == 11
+    assert isinstance(results[1], ReconstructionError) and "-1" in str(results[1])
+    assert isinstance(results[3], ReconstructionError) and "-2" in str(results[3])
+    for value, result in zip(clients, results, strict=True):
+        if value > 0:
+            assert isinstance(result, int) and 10 * value + 1 <= result <= 10 * value + 3
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
