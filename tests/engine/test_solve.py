@@ -338,3 +338,60 @@ def test_bounded_solve_gives_the_same_answer_with_or_without_the_known_direction
     x = rng.uniform(0.1, 1.0, 200)
     x[0] = x[1] = 0.0
     _same_answer_without(monkeypatch, "_ritz_pairs", torch.from_numpy(a), torch.from_numpy(x))
+
+
+def _block_diagonal(
+    sizes: list[int], seed: int, singular: int | None = None
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """Diagonal blocks ``A_b^T A_b`` on interleaved unknowns (as pixel phases are), and the
+    whole matrix; block ``singular`` loses a direction."""
+    gen = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    order = torch.randperm(n, generator=gen)
+    whole = torch.zeros(n, n, dtype=torch.float64)
+    blocks, start = [], 0
+    for b, size in enumerate(sizes):
+        a = torch.randn(size + 3, size, dtype=torch.float64, generator=gen)
+        if b == singular:
+            a[:, -1] = a[:, 0]  # two equal columns
+        idx = order[start : start + size].sort().values
+        block = a.T @ a
+        blocks.append((idx, block))
+        whole[idx.unsqueeze(1), idx.unsqueeze(0)] = block
+        start += size
+    return blocks, whole
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_block_by_block_solve_equals_the_whole_solve(seed: int) -> None:
+    # Prepare: four blocks, two right-hand sides.
+    blocks, whole = _block_diagonal([16, 16, 12, 20], seed)
+    rhs = torch.randn(whole.shape[0], 2, dtype=torch.float64)
+    # Execute
+    by_blocks = solve.solve_spd_blocks(blocks, rhs, rank_rtol=1e-6)
+    at_once = solve_spd(whole, rhs, rank_rtol=1e-6)
+    # Assert: the same answer and rank; the condition estimate of the same size.
+    assert by_blocks is not None
+    torch.testing.assert_close(by_blocks.x, at_once.x, rtol=1e-9, atol=1e-12)
+    assert by_blocks.rank == at_once.rank == whole.shape[0]
+    assert 0.5 < by_blocks.condition / at_once.condition < 2.0
+
+
+def test_block_by_block_solve_leaves_a_rank_deficient_matrix_to_the_whole_solve() -> None:
+    # Prepare: the third block is singular.
+    blocks, whole = _block_diagonal([16, 16, 12, 20], 2, singular=2)
+    rhs = torch.randn(whole.shape[0], dtype=torch.float64)
+    # Execute / Assert: no answer block by block; the whole solve finds the lost direction.
+    assert solve.solve_spd_blocks(blocks, rhs, rank_rtol=1e-6) is None
+    assert solve_spd(whole, rhs, rank_rtol=1e-6).rank == whole.shape[0] - 1
+
+
+def test_block_by_block_solve_judges_each_pivot_against_the_whole_matrix() -> None:
+    # Prepare: every block well conditioned on its own, one of them 1e7 times smaller than
+    # another: at rank_rtol 1e-3 the whole matrix is not.
+    blocks, _ = _block_diagonal([8, 8], 3)
+    blocks = [(blocks[0][0], blocks[0][1] * 1e-7), blocks[1]]
+    rhs = torch.randn(16, dtype=torch.float64)
+    # Execute / Assert
+    assert solve.solve_spd_blocks(blocks, rhs, rank_rtol=1e-3) is None
+    assert solve.solve_spd_blocks(blocks, rhs, rank_rtol=1e-5) is not None

@@ -27,6 +27,7 @@ from fl_attack.engine.solve import (
     normal_matrix,
     solve_deflated,
     solve_spd,
+    solve_spd_blocks,
     submatrix,
     transposed_product,
     well_posed_cholesky,
@@ -364,16 +365,19 @@ def _prepare(
     grams: list[torch.Tensor] = []
 
     # Fewer gradient rows than pixels cannot determine a channel: skip straight to both.
-    per_channel = (
-        solve_spd(
+    per_channel = None
+    if g.shape[0] >= hw or n_weight == 0:
+        # G^T G is block-diagonal by pixel phase: if well conditioned, solved block by block.
+        per_channel = (
+            solve_spd_blocks(_gram_blocks(g, blocks), gtb, rank_rtol=options.rank_rtol)
+            if len(blocks) > 1
+            else None
+        ) or solve_spd(
             _gram_once(grams, g, blocks),
             gtb,
             rank_rtol=options.rank_rtol,
             floor=input_floor if n_weight == 0 else None,
         )
-        if g.shape[0] >= hw or n_weight == 0
-        else None
-    )
     client, paths = None, ()
     if per_channel is None or (per_channel.rank < hw and n_weight > 0):
         # Add weight constraints O - b = conv(z, W) where the output is known.
@@ -907,10 +911,20 @@ def _normal_inverse(kfull: sparse.csr_matrix) -> torch.Tensor | None:
 def _gram(g: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """``G^T G`` block by block: rows that read different pixel phases never meet."""
     out = torch.zeros(g.shape[1], g.shape[1], dtype=g.dtype)
+    for cols, block in _gram_blocks(g, blocks):
+        # Each phase has its own pixels: the blocks are disjoint, set rather than added.
+        out[cols.unsqueeze(1), cols.unsqueeze(0)] = block
+    return out
+
+
+def _gram_blocks(
+    g: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor]]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The diagonal blocks of ``G^T G``, one per pixel phase: (its pixels, the block)."""
+    out = []
     for rows, cols in blocks:
         sub = submatrix(g, rows, cols)
-        # Each phase has its own pixels: the blocks are disjoint, set rather than added.
-        out[cols.unsqueeze(1), cols.unsqueeze(0)] = sub.T @ sub
+        out.append((cols, sub.T @ sub))
     return out
 
 
