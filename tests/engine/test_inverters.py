@@ -508,3 +508,47 @@ def test_weight_matrix_is_the_convolution(layer: nn.Conv2d, shape: tuple[int, in
     torch.testing.assert_close(torch.from_numpy(by_rows.toarray()), dense, rtol=0, atol=0)
     torch.testing.assert_close(torch.from_numpy(by_columns.toarray()), dense, rtol=0, atol=0)
     torch.testing.assert_close(torch.from_numpy(row_sq), dense.square().sum(dim=1))
+
+
+@pytest.mark.parametrize(
+    ("layer", "shape"),
+    [
+        (nn.Conv2d(3, 4, 5, stride=2, padding=2), (3, 11, 10)),
+        (nn.Conv2d(2, 3, 3, stride=1, padding=1), (2, 7, 7)),
+        (nn.Conv2d(2, 3, 3, stride=3, padding=0, dilation=2), (2, 13, 12)),
+        (nn.Conv2d(2, 3, 3, stride=1, padding="same", dilation=2), (2, 6, 5)),
+    ],
+)
+def test_gradient_rows_are_the_weight_gradient_of_each_channel(
+    layer: nn.Conv2d, shape: tuple[int, int, int]
+) -> None:
+    # Prepare: an output gradient with one filter at zero (its rows carry nothing), a
+    # random input.
+    layer = layer.double()
+    out_shape = conv2d.conv_geometry(layer, shape)[-1]
+    d_out = torch.randn(out_shape, dtype=torch.float64)
+    d_out[1] = 0.0
+    z = torch.randn(shape, dtype=torch.float64)
+    d_weight = _weight_gradient(layer, z, d_out)
+    # Execute
+    rows, b_grad, kept = conv2d._gradient_rows(d_out, d_weight, layer, shape, F64)
+    # Assert: G z_c is the weight gradient's channel c (the kept rows, in the same scale as
+    # B), the zero filter's rows dropped; G^T b, G^T G and G itself agree with each other.
+    kh, kw = layer.kernel_size
+    f_out = layer.out_channels
+    assert kept.tolist() == [r for r in range(f_out * kh * kw) if r // (kh * kw) != 1]
+    torch.testing.assert_close(
+        rows.times(z.reshape(shape[0], -1).T), b_grad, rtol=1e-12, atol=1e-12
+    )
+    dense = rows.dense()
+    assert dense.shape == (kept.numel(), shape[1] * shape[2])
+    torch.testing.assert_close(rows.transposed_times(b_grad), dense.T @ b_grad)
+    torch.testing.assert_close(rows.gram(), dense.T @ dense)
+
+
+def _weight_gradient(layer: nn.Conv2d, z: torch.Tensor, d_out: torch.Tensor) -> torch.Tensor:
+    """``dL/dW`` of the conv at input ``z`` and output gradient ``d_out``, by autograd."""
+    weight = layer.weight.detach().clone().requires_grad_(True)
+    out = F.conv2d(z.unsqueeze(0), weight, None, layer.stride, layer.padding, layer.dilation)
+    (grad,) = torch.autograd.grad(out, weight, d_out.unsqueeze(0))
+    return grad

@@ -301,9 +301,8 @@ class _Case:
     resolved: int
     unresolved: int
     pinned: int
-    g: torch.Tensor
+    rows: _Rows
     b_grad: torch.Tensor
-    blocks: list[tuple[torch.Tensor, torch.Tensor]]
     equations: int
     per_channel: SpdSolution | None
     client: _Client | None
@@ -312,9 +311,7 @@ class _Case:
     seconds: float
 
     def gram(self) -> torch.Tensor:
-        if not self.grams:
-            self.grams.append(_gram(self.g, self.blocks))
-        return self.grams[0]
+        return _gram_once(self.grams, self.rows)
 
 
 def _prepare(
@@ -355,25 +352,24 @@ def _prepare(
         )
         if refined is not None:
             d_out, resolved, unresolved = refined, resolved + unresolved, 0
-    g, b_grad, kept = _gradient_system(d_out, d_weight, layer, input_shape, options)
-    gtb = transposed_product(g, b_grad)  # (hw, c): G^T b of every channel, for every path
-    equations = int(g.shape[0]) * c
+    rows, b_grad, _ = _gradient_rows(d_out, d_weight, layer, input_shape, options)
+    gtb = rows.transposed_times(b_grad)  # (hw, c): G^T b of every channel, for every path
+    equations = rows.count * c
     bias = layer.bias.detach().to(torch.float64) if layer.bias is not None else None
     known = known.reshape(-1)
     n_weight = int(known.sum())
-    blocks = _row_blocks(layer, input_shape, kept)
     grams: list[torch.Tensor] = []
 
     # Fewer gradient rows than pixels cannot determine a channel: skip straight to both.
     per_channel = None
-    if g.shape[0] >= hw or n_weight == 0:
+    if rows.count >= hw or n_weight == 0:
         # G^T G is block-diagonal by pixel phase: if well conditioned, solved block by block.
         per_channel = (
-            solve_spd_blocks(_gram_blocks(g, blocks), gtb, rank_rtol=options.rank_rtol)
-            if len(blocks) > 1
+            solve_spd_blocks(rows.gram_blocks(), gtb, rank_rtol=options.rank_rtol)
+            if len(rows.blocks) > 1
             else None
         ) or solve_spd(
-            _gram_once(grams, g, blocks),
+            _gram_once(grams, rows),
             gtb,
             rank_rtol=options.rank_rtol,
             floor=input_floor if n_weight == 0 else None,
@@ -390,10 +386,10 @@ def _prepare(
             [weight],
             lambda: _weight_matrix_of(layer, weight, input_shape),
         )
-        rows = known.numpy()
+        known_rows = known.numpy()
         # Rows scaled to unit RMS norm; divided twice, never squared (tiny weights would
         # overflow a squared scale).
-        rms = float(np.sqrt(row_sq[rows].mean())) if rows.any() else 0.0
+        rms = float(np.sqrt(row_sq[known_rows].mean())) if known_rows.any() else 0.0
         rms = rms if rms > 0.0 else 1.0
         client = _Client(
             layer=layer,
@@ -404,10 +400,9 @@ def _prepare(
             kcols=kcols,
             target=target.reshape(-1),
             known=known,
-            g=g,
+            rows=rows,
             b_grad=b_grad,
             gtb=gtb,
-            blocks=blocks,
             rms=rms,
             options=options,
         )
@@ -431,9 +426,8 @@ def _prepare(
         resolved=resolved,
         unresolved=unresolved,
         pinned=pinned,
-        g=g,
+        rows=rows,
         b_grad=b_grad,
-        blocks=blocks,
         equations=equations,
         per_channel=per_channel,
         client=client,
@@ -443,11 +437,10 @@ def _prepare(
     )
 
 
-def _gram_once(
-    grams: list[torch.Tensor], g: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor]]
-) -> torch.Tensor:
+def _gram_once(grams: list[torch.Tensor], rows: _Rows) -> torch.Tensor:
+    """``G^T G``, built on first use and kept in ``grams``."""
     if not grams:
-        grams.append(_gram(g, blocks))
+        grams.append(rows.gram())
     return grams[0]
 
 
@@ -467,8 +460,8 @@ def _finish(
     start = time.perf_counter()
     c, h, w = case.input_shape
     hw = h * w
-    g, b_grad, options, per_channel, client = (
-        case.g,
+    rows, b_grad, options, per_channel, client = (
+        case.rows,
         case.b_grad,
         case.options,
         case.per_channel,
@@ -485,7 +478,7 @@ def _finish(
         rank, used = per_channel.rank * c, "gradient"
         if per_channel.bounded:
             used += "+bound"
-        resid = (g @ per_channel.x - b_grad).square().sum()
+        resid = (rows.times(per_channel.x) - b_grad).square().sum()
         relative = float((resid / b_grad.square().sum().clamp_min(1e-300)).sqrt())
     else:
         solvers: dict[str, Callable[[_Client], torch.Tensor | None]] = {
@@ -650,10 +643,9 @@ class _Client:
     """One client's stacked system at a conv layer, as the fast solvers take it.
 
     ``target`` holds ``O - b`` for every output row (guesses where ``known`` is False);
-    ``g``/``b_grad`` are the gradient rows (the same matrix for every input channel),
-    ``gtb`` is ``g^T b_grad`` (hw, c) and ``blocks`` their split by pixel phase; weight rows
-    are scaled by ``1 / rms``. ``kfull`` is ``K`` by rows, ``kcols`` the same by columns
-    (as the sparse LU takes it).
+    ``rows``/``b_grad`` are the gradient rows (the same matrix for every input channel)
+    and ``gtb`` is ``G^T b_grad`` (hw, c); weight rows are scaled by ``1 / rms``. ``kfull``
+    is ``K`` by rows, ``kcols`` the same by columns (as the sparse LU takes it).
     """
 
     layer: nn.Conv2d
@@ -664,10 +656,9 @@ class _Client:
     kcols: sparse.csc_matrix
     target: torch.Tensor
     known: torch.Tensor
-    g: torch.Tensor
+    rows: _Rows
     b_grad: torch.Tensor
     gtb: torch.Tensor
-    blocks: list[tuple[torch.Tensor, torch.Tensor]]
     rms: float
     options: SolveOptions
 
@@ -692,7 +683,7 @@ def _relative_residual(client: _Client, z: torch.Tensor) -> float:
     c, h, w = client.input_shape
     known = client.known
     weight_rows = torch.from_numpy(client.kfull @ z.reshape(-1).numpy()) - client.target
-    resid = (client.g @ z.reshape(c, h * w).T - client.b_grad).square().sum()
+    resid = (client.rows.times(z.reshape(c, h * w).T) - client.b_grad).square().sum()
     resid = resid + (weight_rows[known] / client.rms).square().sum()
     scale = client.b_grad.square().sum() + (client.target[known] / client.rms).square().sum()
     return float((resid / scale.clamp_min(1e-300)).sqrt())
@@ -746,18 +737,17 @@ def _solve_factored(client: _Client, solved: torch.Tensor | None = None) -> torc
     does not determine the answer.
     """
     c, h, w = client.input_shape
-    hw, g = h * w, client.g
+    hw, rows = h * w, client.rows
     factor = _square_factor(client)
     if factor is None:
         return None
     full = _factor_key(client)
-    blocks = [(r, cols, submatrix(g, r, cols)) for r, cols in client.blocks]
 
     def rows_on(take: Callable[[torch.Tensor], torch.Tensor], m: int) -> torch.Tensor:
-        # (c*rows, m): the same row matrix g acts on every channel, one block of rows at a
+        # (c*rows, m): the same row matrix G acts on every channel, one block of rows at a
         # time, on the only columns it touches (take(cols): (c, len(cols), m)).
-        out = torch.empty(c, g.shape[0], m, dtype=torch.float64)
-        for r, cols, sub in blocks:
+        out = torch.empty(c, rows.count, m, dtype=torch.float64)
+        for r, cols, sub in rows.blocks:
             out[:, r] = torch.matmul(sub, take(cols))
         return out.reshape(-1, m)
 
@@ -854,7 +844,7 @@ def _solve_tall(client: _Client) -> torch.Tensor | None:
     """
     c, h, w = client.input_shape
     hw, n = h * w, c * h * w
-    g, kfull, rms, free = client.g, client.kfull, client.rms, client.free
+    rows, kfull, rms, free = client.rows, client.kfull, client.rms, client.free
     inverse = for_weights(
         ("conv2d-normal-inverse", client.geometry), [client.weight], lambda: _normal_inverse(kfull)
     )
@@ -863,13 +853,13 @@ def _solve_tall(client: _Client) -> torch.Tensor | None:
     scale2 = rms * rms  # (K^T K / rms^2)^-1 = scale2 * inverse, applied to small results
     h_vec = client.normal_rhs()
     # Low-rank terms: every channel's gradient rows (+1) and the free weight rows (-1).
-    rows_g = g.shape[0]
+    rows_g = rows.count
     width = c * rows_g + free.numel()
     # (P^-1 U)^T row by row; P^-1 is symmetric, so a block of its rows serves as columns.
     pu_t = torch.empty(width, n, dtype=torch.float64)
     for k in range(c):
-        for r, cols in client.blocks:
-            pu_t[k * rows_g + r] = submatrix(g, r, cols) @ inverse[k * hw + cols]
+        for r, cols, sub in rows.blocks:
+            pu_t[k * rows_g + r] = sub @ inverse[k * hw + cols]
     k_free = torch.from_numpy(kfull[free.numpy()].toarray()) / rms if free.numel() else None
     if k_free is not None:
         pu_t[c * rows_g :] = k_free @ inverse
@@ -878,7 +868,7 @@ def _solve_tall(client: _Client) -> torch.Tensor | None:
     per_channel = pu_t.reshape(width, c, hw)
     capacitance = torch.empty(width, width, dtype=torch.float64)
     for k in range(c):
-        capacitance[:, k * rows_g : (k + 1) * rows_g] = per_channel[:, k] @ g.T
+        capacitance[:, k * rows_g : (k + 1) * rows_g] = rows.times(per_channel[:, k].T).T
     if k_free is not None:
         capacitance[:, c * rows_g :] = pu_t @ k_free.T
     signs = torch.ones(width, dtype=torch.float64)
@@ -886,7 +876,8 @@ def _solve_tall(client: _Client) -> torch.Tensor | None:
     capacitance.diagonal().add_(signs)  # S^-1 = S for S = diag(+-1)
     z_p = (inverse @ h_vec) * scale2
     u_t_zp = torch.cat(
-        [(g @ z_p.reshape(c, hw).T).T.reshape(-1)] + ([k_free @ z_p] if k_free is not None else [])
+        [rows.times(z_p.reshape(c, hw).T).T.reshape(-1)]
+        + ([k_free @ z_p] if k_free is not None else [])
     )
     correction, info = torch.linalg.solve_ex(capacitance, u_t_zp.unsqueeze(1))
     if int(info) != 0:
@@ -908,51 +899,20 @@ def _normal_inverse(kfull: sparse.csr_matrix) -> torch.Tensor | None:
     return torch.cholesky_inverse(factor)
 
 
-def _gram(g: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """``G^T G`` block by block: rows that read different pixel phases never meet."""
-    out = torch.zeros(g.shape[1], g.shape[1], dtype=g.dtype)
-    for cols, block in _gram_blocks(g, blocks):
-        # Each phase has its own pixels: the blocks are disjoint, set rather than added.
-        out[cols.unsqueeze(1), cols.unsqueeze(0)] = block
-    return out
-
-
-def _gram_blocks(
-    g: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor]]
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The diagonal blocks of ``G^T G``, one per pixel phase: (its pixels, the block)."""
-    out = []
-    for rows, cols in blocks:
-        sub = submatrix(g, rows, cols)
-        out.append((cols, sub.T @ sub))
-    return out
-
-
-def _row_blocks(
-    layer: nn.Conv2d, input_shape: Shape, kept: torch.Tensor
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Gradient rows (positions in ``kept``) grouped by the one pixel phase they read.
-
-    With stride ``s``, kernel tap ``(i, j)`` only ever meets input pixels ``u`` with
-    ``u = s*p + i*d - pad``, one of ``s*s`` interleaved grids: block by block, the rows
-    cost ``1/s^2`` of a dense product.
-    """
-    geometry = _geometry_args(layer, input_shape)
-    f_out, (kh, kw) = geometry[:2]
-    if kept.numel() == f_out * kh * kw:  # every row kept: the usual case
-        return _all_row_blocks(geometry)
-    return _blocks(kept, geometry)
-
-
 @functools.lru_cache(maxsize=64)
 def _all_row_blocks(geometry: _Geometry) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`_row_blocks` with every row kept; cached, shared, not to be modified."""
+    """The rows of ``G`` (all of them) and the pixels of each pixel phase that has rows.
+
+    With stride ``s``, kernel tap ``(i, j)`` only ever meets input pixels ``u`` with
+    ``u = s*p + i*d - pad``, one of ``s*s`` interleaved grids. Cached, shared, not to be
+    modified.
+    """
     f_out, (kh, kw) = geometry[:2]
     return _blocks(torch.arange(f_out * kh * kw), geometry)
 
 
 def _blocks(kept: torch.Tensor, geometry: _Geometry) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The (rows, columns) blocks of :func:`_row_blocks` for one geometry."""
+    """The (rows, columns) blocks of :func:`_all_row_blocks`, for the rows in ``kept``."""
     _, (kh, kw), (sh, sw), (dh, dw), (ph, pw), _, (h, w) = geometry
     i = (kept // kw) % kh
     j = kept % kw
@@ -1105,48 +1065,110 @@ def _choice_bits(k: int) -> np.ndarray:
     return bits
 
 
-def _gradient_system(
+@dataclass(frozen=True, slots=True)
+class _Rows:
+    """A client's gradient rows ``G`` (rows f,i,j by pixels u,v), held by pixel phase.
+
+    With stride ``s``, kernel tap ``(i, j)`` only ever meets the input pixels of one of
+    ``s*s`` interleaved grids: ``G`` is its blocks ``(rows, cols, sub)``,
+    ``G[rows][:, cols] = sub``, zero elsewhere (a quarter of the dense matrix at stride 2).
+    The same ``G`` acts on every input channel.
+    """
+
+    blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    count: int  # rows
+    pixels: int
+
+    def times(self, x: torch.Tensor) -> torch.Tensor:
+        """``G x`` for ``x`` (pixels, k): (rows, k)."""
+        out = torch.zeros(self.count, x.shape[1], dtype=torch.float64)
+        for rows, cols, sub in self.blocks:
+            out[rows] = sub @ x.index_select(0, cols)
+        return out
+
+    def transposed_times(self, b: torch.Tensor) -> torch.Tensor:
+        """``G^T b`` for ``b`` (rows, k): (pixels, k)."""
+        out = torch.zeros(self.pixels, b.shape[1], dtype=torch.float64)
+        for rows, cols, sub in self.blocks:
+            out[cols] = transposed_product(sub, b.index_select(0, rows))
+        return out
+
+    def gram_blocks(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The diagonal blocks of ``G^T G``, one per pixel phase: (its pixels, the block)."""
+        return [(cols, sub.T @ sub) for _, cols, sub in self.blocks]
+
+    def gram(self) -> torch.Tensor:
+        """``G^T G`` (pixels, pixels): rows that read different phases never meet."""
+        out = torch.zeros(self.pixels, self.pixels, dtype=torch.float64)
+        for cols, block in self.gram_blocks():
+            # Each phase has its own pixels: the blocks are disjoint, set rather than added.
+            out[cols.unsqueeze(1), cols.unsqueeze(0)] = block
+        return out
+
+    def dense(self) -> torch.Tensor:
+        """``G`` itself, (rows, pixels)."""
+        out = torch.zeros(self.count, self.pixels, dtype=torch.float64)
+        for rows, cols, sub in self.blocks:
+            out[rows.unsqueeze(1), cols.unsqueeze(0)] = sub
+        return out
+
+
+def _gradient_rows(
     d_out: torch.Tensor,
     d_weight: torch.Tensor,
     layer: nn.Conv2d,
     input_shape: Shape,
     options: SolveOptions,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[_Rows, torch.Tensor, torch.Tensor]:
     """Gradient constraints ``G z_c = B[:, c]``: one matrix G (rows f,i,j; columns u,v).
 
-    Also returns the flat ``f*kh*kw + i*kw + j`` index of each kept row.
+    Also returns ``B`` and the flat ``f*kh*kw + i*kw + j`` index of each kept row.
 
     Rows of a filter whose output gradient is (numerically) zero carry only noise: they are
     dropped, and the family is scaled as a whole so that small rows keep small weight.
     """
     c, h, w = input_shape
-    entries, pq = _gradient_entries(layer, input_shape)
-    f_out = layer.out_channels
-    kh, kw = _pair(layer.kernel_size)
+    geometry = _geometry_args(layer, input_shape)
+    f_out, (kh, kw) = geometry[:2]
     n_rows = f_out * kh * kw
-    g = torch.zeros(n_rows * h * w, dtype=torch.float64)
-    g.index_put_((entries,), d_out.reshape(-1).index_select(0, pq))  # 40% faster than g[e] = x
-    g = g.view(n_rows, h * w)
-    norms = g.norm(dim=1)
-    rows = norms > float(norms.max()) * options.eps**0.5
-    scale = 1.0 / float(norms[rows].square().mean().sqrt()) if bool(rows.any()) else 1.0
+    # Each phase block gathered from the output gradient; the appended 0 is what a tap
+    # on padding reads.
+    padded = torch.cat([d_out.reshape(-1), d_out.new_zeros(1)])
+    phases = _phase_taps(geometry)
+    subs = [padded[where] for _, _, where in phases]
+    norms = torch.zeros(n_rows, dtype=torch.float64)
+    for (rows, _, _), sub in zip(phases, subs, strict=True):
+        norms[rows] = torch.linalg.vector_norm(sub, dim=1)
+    kept = norms > float(norms.max()) * options.eps**0.5
+    scale = 1.0 / float(norms[kept].square().mean().sqrt()) if bool(kept.any()) else 1.0
     b_grad = d_weight.reshape(f_out, c, kh * kw).permute(0, 2, 1).reshape(n_rows, c)
-    if bool(rows.all()):  # the usual case: no copy of G
-        return g.mul_(scale), b_grad * scale, torch.arange(n_rows)
-    return g[rows] * scale, b_grad[rows] * scale, torch.nonzero(rows).flatten()
+    if bool(kept.all()):  # the usual case
+        blocks = [
+            (rows, cols, sub.mul_(scale)) for (rows, cols, _), sub in zip(phases, subs, strict=True)
+        ]
+        return _Rows(blocks, n_rows, h * w), b_grad * scale, torch.arange(n_rows)
+    # The kept rows, renumbered in order.
+    position = torch.cumsum(kept, 0) - 1
+    blocks = []
+    for (rows, cols, _), sub in zip(phases, subs, strict=True):
+        mine = kept[rows]
+        if bool(mine.any()):
+            blocks.append((position[rows[mine]], cols, sub[mine] * scale))
+    indices = torch.nonzero(kept).flatten()
+    return _Rows(blocks, int(indices.numel()), h * w), b_grad[kept] * scale, indices
 
 
-def _gradient_entries(layer: nn.Conv2d, input_shape: Shape) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where each tap lands in the flattened ``G`` (rows f,i,j by pixels), and its output."""
-    return _flat_taps(_geometry_args(layer, input_shape))
-
-
-@functools.lru_cache(maxsize=64)
-def _flat_taps(geometry: _Geometry) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_taps` as flat indices into ``G``; cached, shared, not to be modified."""
-    fij, pq, u, v, _ = _taps(geometry)
+@functools.lru_cache(maxsize=16)
+def _phase_taps(geometry: _Geometry) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per pixel phase: its rows of ``G``, its pixels, and which output gradient entry each
+    entry of the block reads (the output's size for none); cached, shared, not to be
+    modified."""
+    fij, pq, u, v, (f_out, ho, wo) = _taps(geometry)
     h, w = geometry[-1]
-    return fij * (h * w) + u * w + v, pq
+    kh, kw = geometry[1]
+    where = torch.full((f_out * kh * kw, h * w), f_out * ho * wo, dtype=torch.long)
+    where[fij, u * w + v] = pq
+    return [(rows, cols, submatrix(where, rows, cols)) for rows, cols in _all_row_blocks(geometry)]
 
 
 def _refine_relu_mask(
@@ -1175,9 +1197,10 @@ def _refine_relu_mask(
     tolerance = options.eps**0.5
     for _ in range(_MASK_ITERATIONS):
         d_out = torch.where(uncertain, total * mask, grad)
-        g, b_grad, _ = _gradient_system(d_out, d_weight, layer, input_shape, options)
-        if g.shape[0] < h * w:
+        rows, b_grad, _ = _gradient_rows(d_out, d_weight, layer, input_shape, options)
+        if rows.count < h * w:
             return None
+        g = rows.dense()
         z = torch.linalg.lstsq(g, b_grad).solution  # (hw, c)
         residual = float((g @ z - b_grad).norm() / b_grad.norm().clamp_min(1e-300))
         out = F.conv2d(
