@@ -350,6 +350,12 @@ def _pivoted(
     x = x - lost @ (lost.T @ x)
 
     def complete() -> bool:
+        # The inverse's diagonal is 1 / diag(R11): its part of ||R11^-1||_F^2 alone may
+        # already fail the test below, and then the inverse need not be made.
+        if 1.0 / float(np.reciprocal(np.square(np.diag(lower)[:rank])).sum()) <= (
+            _GAP_FACTOR * cutoff
+        ):
+            return False
         inverse, info = lapack.dtrtri(lower[:rank, :rank], lower=1)  # reads the lower triangle
         # 1 / ||R11^-1||_F^2 is a lower bound of sigma_min(R11)^2.
         return info == 0 and 1.0 / float(np.square(np.tril(inverse)).sum()) > _GAP_FACTOR * cutoff
