@@ -483,9 +483,8 @@ def reconstruct_many(
     # (fl_attack.engine.shared), so the first client of a process pays for it.
     stages = Staged(
         functools.partial(_upper_stage, route, options, input_floor),
-        functools.partial(_first_stage, route, input_floor),
         # Several clients' first layers at once: one pass over a shared factorisation.
-        functools.partial(_first_stages, route, input_floor),
+        second_many=functools.partial(_first_stages, route, input_floor),
     )
     return attack_each(stages, gradients, workers)
 
@@ -500,13 +499,6 @@ def _upper_stage(
     route: _Route, options: SolveOptions | None, input_floor: float | None, grads: Gradients
 ) -> _Partial:
     return _upper_layers(route, grads, options, input_floor, time.perf_counter())
-
-
-def _first_stage(
-    route: _Route, input_floor: float | None, grads: Gradients, partial: _Partial
-) -> Reconstruction:
-    del grads  # checked and carried in the partial
-    return _first_layer(route, input_floor, partial, time.perf_counter())
 
 
 def _first_stages(

@@ -460,11 +460,19 @@ def _work(
 
 @dataclass(frozen=True, slots=True)
 class Batched(Generic[S, T]):
-    """A second stage that takes several indices at once: ``run(indices, states) -> results``.
+    """A second stage that takes several indices at once (:func:`map_in_workers`).
 
     For clients that share work only when they come together (e.g. one pass over a
-    factorisation for all of them). A worker takes at most ``most`` at a time, fewer near
-    the end of a round (see :meth:`_Exchange.take`).
+    factorisation for all of them).
+
+    Attributes
+    ----------
+    run : callable
+        ``(indices, states) -> results``: one result per index, in their order.
+    most : int
+        The most indices a worker takes at once; fewer near the end of a round (a quarter
+        of those left per worker), so that no worker is left with a batch while the
+        others have nothing.
     """
 
     run: Callable[[list[int], list[S]], list[T]]
@@ -947,6 +955,9 @@ def _reap(pids: list[int]) -> None:
 class Staged(Generic[C, S, R]):
     """A per-client attack in two stages: ``second(client, first(client))``.
 
+    The second stage takes one client at a time (``second``) or several
+    (``second_many``); exactly one of the two is given.
+
     Spread over workers (:func:`attack_each`), every client's first stage is taken before
     any second stage, and a second stage runs in whichever worker is free, on the first
     stage's result handed over through shared memory. Where the first stage's cost varies
@@ -957,22 +968,31 @@ class Staged(Generic[C, S, R]):
     ----------
     first : callable
         ``client -> state``; the state must pickle.
-    second : callable
+    second : callable, optional
         ``(client, state) -> result``.
     second_many : callable, optional
         ``(clients, states) -> results``: the second stage of several clients at once,
         for work they share when they come together (one pass over a factorisation for
         all of them); each result is the client's, or the
-        :class:`~fl_attack.engine.EngineError` it raised. Used instead of ``second``
-        when given; a worker takes up to ``most`` clients at a time.
+        :class:`~fl_attack.engine.EngineError` it raised. A worker takes up to ``most``
+        clients at a time.
     most : int, optional
         The most clients ``second_many`` takes at once.
+
+    Raises
+    ------
+    ValueError
+        If neither or both of ``second`` and ``second_many`` are given.
     """
 
     first: Callable[[C], S]
-    second: Callable[[C, S], R]
+    second: Callable[[C, S], R] | None = None
     second_many: Callable[[list[C], list[S]], list[R | EngineError]] | None = None
     most: int = 8
+
+    def __post_init__(self) -> None:
+        if (self.second is None) == (self.second_many is None):
+            raise ValueError("Staged takes one second stage: second or second_many")
 
 
 def attack_each(
@@ -1031,7 +1051,7 @@ class _Each(Generic[C, R]):
         return _or_error(self.attack.first, self.clients[index])
 
     def second(self, index: int, state: object) -> R | EngineError:
-        assert isinstance(self.attack, Staged)
+        assert isinstance(self.attack, Staged) and self.attack.second is not None
         if isinstance(state, EngineError):
             return state
         return _or_error(self.attack.second, self.clients[index], state)

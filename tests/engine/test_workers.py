@@ -662,10 +662,6 @@ def _tenfold(value: int) -> int:
     return value * 10
 
 
-def _plus_one(value: int, state: int) -> int:
-    return state + 1
-
-
 def _plus_one_each(values: list[int], states: list[int]) -> list[int | ReconstructionError]:
     # Never given a client whose first stage failed; reports its own errors in place.
     assert -1 not in values
@@ -679,7 +675,7 @@ def _plus_one_each(values: list[int], states: list[int]) -> list[int | Reconstru
 def test_staged_in_batches_keeps_each_clients_error_in_its_place(workers_: int) -> None:
     # Prepare: 11 clients, two of which fail (one in each stage); batches of up to 3.
     clients = [1, -1, 2, -2, 3, 4, 5, 6, 7, 8, 9]
-    stages = Staged(_tenfold, _plus_one, second_many=_plus_one_each, most=3)
+    stages = Staged(_tenfold, second_many=_plus_one_each, most=3)
     # Execute
     results = attack_each(stages, clients, workers_)
     # Assert: each client's result (10 x, plus its batch's size) or its error, in order.
@@ -707,3 +703,10 @@ def test_a_worker_that_exited_but_was_not_reaped_counts_as_dead() -> None:
     finally:
         os.waitpid(pid, 0)
     assert workers._alive(os.getpid())
+
+
+def test_a_staged_attack_takes_exactly_one_second_stage() -> None:
+    with pytest.raises(ValueError, match="one second stage"):
+        Staged(_tenfold)
+    with pytest.raises(ValueError, match="one second stage"):
+        Staged(_tenfold, lambda value, state: state, second_many=_plus_one_each)

@@ -352,7 +352,7 @@ def _prepare(
         )
         if refined is not None:
             d_out, resolved, unresolved = refined, resolved + unresolved, 0
-    rows, b_grad, _ = _gradient_rows(d_out, d_weight, layer, input_shape, options)
+    rows, b_grad = _gradient_rows(d_out, d_weight, layer, input_shape, options)
     gtb = rows.transposed_times(b_grad)  # (hw, c): G^T b of every channel, for every path
     equations = rows.count * c
     bias = layer.bias.detach().to(torch.float64) if layer.bias is not None else None
@@ -1119,10 +1119,8 @@ def _gradient_rows(
     layer: nn.Conv2d,
     input_shape: Shape,
     options: SolveOptions,
-) -> tuple[_Rows, torch.Tensor, torch.Tensor]:
-    """Gradient constraints ``G z_c = B[:, c]``: one matrix G (rows f,i,j; columns u,v).
-
-    Also returns ``B`` and the flat ``f*kh*kw + i*kw + j`` index of each kept row.
+) -> tuple[_Rows, torch.Tensor]:
+    """Gradient constraints ``G z_c = B[:, c]``: one matrix G (rows f,i,j; columns u,v), and B.
 
     Rows of a filter whose output gradient is (numerically) zero carry only noise: they are
     dropped, and the family is scaled as a whole so that small rows keep small weight.
@@ -1146,7 +1144,7 @@ def _gradient_rows(
         blocks = [
             (rows, cols, sub.mul_(scale)) for (rows, cols, _), sub in zip(phases, subs, strict=True)
         ]
-        return _Rows(blocks, n_rows, h * w), b_grad * scale, torch.arange(n_rows)
+        return _Rows(blocks, n_rows, h * w), b_grad * scale
     # The kept rows, renumbered in order.
     position = torch.cumsum(kept, 0) - 1
     blocks = []
@@ -1154,8 +1152,7 @@ def _gradient_rows(
         mine = kept[rows]
         if bool(mine.any()):
             blocks.append((position[rows[mine]], cols, sub[mine] * scale))
-    indices = torch.nonzero(kept).flatten()
-    return _Rows(blocks, int(indices.numel()), h * w), b_grad[kept] * scale, indices
+    return _Rows(blocks, int(kept.sum()), h * w), b_grad[kept] * scale
 
 
 @functools.lru_cache(maxsize=16)
@@ -1197,7 +1194,7 @@ def _refine_relu_mask(
     tolerance = options.eps**0.5
     for _ in range(_MASK_ITERATIONS):
         d_out = torch.where(uncertain, total * mask, grad)
-        rows, b_grad, _ = _gradient_rows(d_out, d_weight, layer, input_shape, options)
+        rows, b_grad = _gradient_rows(d_out, d_weight, layer, input_shape, options)
         if rows.count < h * w:
             return None
         g = rows.dense()
