@@ -6,7 +6,7 @@ import functools
 import math
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -268,14 +268,13 @@ class Conv2dInverter(Inverter):
             except EngineError as exc:
                 cases.append(exc.with_traceback(None))
         start = time.perf_counter()
-        ahead = _solved_ahead([case for case in cases if isinstance(case, _Case)])
-        share = (time.perf_counter() - start) / max(1, len(ahead))
+        ahead = _solved_ahead(cases)
+        share = (time.perf_counter() - start) / max(1, sum(s is not None for s in ahead))
         out: list[tuple[Signal, LayerDiagnostics] | EngineError] = []
-        for case in cases:
+        for case, solved in zip(cases, ahead, strict=True):
             if isinstance(case, EngineError):
                 out.append(case)
                 continue
-            solved = ahead.get(id(case))
             try:
                 own_share = share if solved is not None else 0.0
                 out.append(_finish(case, name, input_floor, solved, own_share))
@@ -307,11 +306,7 @@ class _Case:
     per_channel: SpdSolution | None
     client: _Client | None
     paths: tuple[str, ...]
-    grams: list[torch.Tensor]  # G^T G once built (the factored path needs none)
     seconds: float
-
-    def gram(self) -> torch.Tensor:
-        return _gram_once(self.grams, self.rows)
 
 
 def _prepare(
@@ -358,7 +353,6 @@ def _prepare(
     bias = layer.bias.detach().to(torch.float64) if layer.bias is not None else None
     known = known.reshape(-1)
     n_weight = int(known.sum())
-    grams: list[torch.Tensor] = []
 
     # Fewer gradient rows than pixels cannot determine a channel: skip straight to both.
     per_channel = None
@@ -369,7 +363,7 @@ def _prepare(
             if len(rows.blocks) > 1
             else None
         ) or solve_spd(
-            _gram_once(grams, rows),
+            rows.gram(),
             gtb,
             rank_rtol=options.rank_rtol,
             floor=input_floor if n_weight == 0 else None,
@@ -432,16 +426,8 @@ def _prepare(
         per_channel=per_channel,
         client=client,
         paths=paths,
-        grams=grams,
         seconds=time.perf_counter() - start,
     )
-
-
-def _gram_once(grams: list[torch.Tensor], rows: _Rows) -> torch.Tensor:
-    """``G^T G``, built on first use and kept in ``grams``."""
-    if not grams:
-        grams.append(rows.gram())
-    return grams[0]
 
 
 def _finish(
@@ -482,7 +468,7 @@ def _finish(
         relative = float((resid / b_grad.square().sum().clamp_min(1e-300)).sqrt())
     else:
         solvers: dict[str, Callable[[_Client], torch.Tensor | None]] = {
-            "gradient-first": lambda cl: _solve_gradient_first(cl, case.gram()),
+            "gradient-first": lambda cl: _solve_gradient_first(cl, cl.rows.gram()),
             "factored": lambda cl: _solve_factored(cl, solved),
             "woodbury": _solve_tall,
         }
@@ -500,7 +486,7 @@ def _finish(
                 break
         if z_flat is None:
             _check_dense_size(name, c * hw, tried)
-            solution = _solve_dense(client, case.gram(), input_floor)
+            solution = _solve_dense(client, rows.gram(), input_floor)
             z_flat = solution.x
             relative = _relative_residual(client, z_flat)
         z = z_flat.reshape(c, h, w)
@@ -532,27 +518,30 @@ def _finish(
     return signal, diag
 
 
-def _solved_ahead(cases: list[_Case]) -> dict[int, torch.Tensor]:
+def _solved_ahead(cases: Sequence[_Case | EngineError]) -> list[torch.Tensor | None]:
     """``K^-1 [target, e_free...]`` of every case whose first fast path is the factorised
-    one, by ``id(case)``: one sparse solve for all of them.
+    one (None for the others), all in one sparse solve.
 
     The solve reads the whole LU from memory (~14 MB for rconv-main's first layer) for one
-    column as for many: 1.3 ms a client alone in a round, about 0.4 in a batch of eight.
+    column as for many: about 1.3 ms a client alone in a round, 0.5 in a batch of eight.
     The cases are one layer's clients, so they share the weights and the factorisation.
     """
-    eligible = [case for case in cases if case.paths[:1] == ("factored",)]
+    out: list[torch.Tensor | None] = [None] * len(cases)
+    eligible = [
+        (k, case.client)
+        for k, case in enumerate(cases)
+        if isinstance(case, _Case) and case.paths[:1] == ("factored",) and case.client is not None
+    ]
     if len(eligible) < 2:
-        return {}  # nothing to share
-    clients = [case.client for case in eligible if case.client is not None]
-    factor = _square_factor(clients[0])
+        return out  # nothing to share
+    factor = _square_factor(eligible[0][1])
     if factor is None:
-        return {}
-    columns = [_deflation_columns(client) for client in clients]
+        return out
+    columns = [_deflation_columns(client) for _, client in eligible]
     solved = torch.from_numpy(factor.lu.solve(np.concatenate(columns, axis=1)))
-    out: dict[int, torch.Tensor] = {}
     at = 0
-    for case, block in zip(eligible, columns, strict=True):
-        out[id(case)] = solved[:, at : at + block.shape[1]]
+    for (k, _), block in zip(eligible, columns, strict=True):
+        out[k] = solved[:, at : at + block.shape[1]]
         at += block.shape[1]
     return out
 
@@ -1078,6 +1067,7 @@ class _Rows:
     blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     count: int  # rows
     pixels: int
+    grams: list[torch.Tensor] = field(default_factory=list)  # G^T G, once built
 
     def times(self, x: torch.Tensor) -> torch.Tensor:
         """``G x`` for ``x`` (pixels, k): (rows, k)."""
@@ -1098,12 +1088,15 @@ class _Rows:
         return [(cols, sub.T @ sub) for _, cols, sub in self.blocks]
 
     def gram(self) -> torch.Tensor:
-        """``G^T G`` (pixels, pixels): rows that read different phases never meet."""
-        out = torch.zeros(self.pixels, self.pixels, dtype=torch.float64)
-        for cols, block in self.gram_blocks():
-            # Each phase has its own pixels: the blocks are disjoint, set rather than added.
-            out[cols.unsqueeze(1), cols.unsqueeze(0)] = block
-        return out
+        """``G^T G`` (pixels, pixels), built on first use (the factored path needs none)."""
+        if not self.grams:
+            out = torch.zeros(self.pixels, self.pixels, dtype=torch.float64)
+            for cols, block in self.gram_blocks():
+                # Each phase has its own pixels (rows that read different phases never
+                # meet): the blocks are disjoint, set rather than added.
+                out[cols.unsqueeze(1), cols.unsqueeze(0)] = block
+            self.grams.append(out)
+        return self.grams[0]
 
     def dense(self) -> torch.Tensor:
         """``G`` itself, (rows, pixels)."""
