@@ -473,10 +473,19 @@ class Batched(Generic[S, T]):
         The most indices a worker takes at once; fewer near the end of a round (a quarter
         of those left per worker), so that no worker is left with a batch while the
         others have nothing.
+
+    Raises
+    ------
+    ValueError
+        If ``most`` is below 1.
     """
 
     run: Callable[[list[int], list[S]], list[T]]
     most: int = 8
+
+    def __post_init__(self) -> None:
+        if self.most < 1:
+            raise ValueError(f"most must be at least 1, got {self.most}")
 
 
 # A second stage: one index at a time, ``(index, state) -> result``, or several (Batched).
@@ -982,7 +991,8 @@ class Staged(Generic[C, S, R]):
     Raises
     ------
     ValueError
-        If neither or both of ``second`` and ``second_many`` are given.
+        If neither or both of ``second`` and ``second_many`` are given, or ``most`` is
+        below 1.
     """
 
     first: Callable[[C], S]
@@ -993,6 +1003,8 @@ class Staged(Generic[C, S, R]):
     def __post_init__(self) -> None:
         if (self.second is None) == (self.second_many is None):
             raise ValueError("Staged takes one second stage: second or second_many")
+        if self.most < 1:
+            raise ValueError(f"most must be at least 1, got {self.most}")
 
 
 def attack_each(

@@ -710,3 +710,7 @@ def test_a_staged_attack_takes_exactly_one_second_stage() -> None:
         Staged(_tenfold)
     with pytest.raises(ValueError, match="one second stage"):
         Staged(_tenfold, lambda value, state: state, second_many=_plus_one_each)
+    with pytest.raises(ValueError, match="at least 1"):
+        Staged(_tenfold, second_many=_plus_one_each, most=0)
+    with pytest.raises(ValueError, match="at least 1"):
+        workers.Batched(_second_many, most=0)
