@@ -534,10 +534,10 @@ def _solved_ahead(cases: Sequence[_Case | EngineError]) -> list[torch.Tensor | N
     ]
     if len(eligible) < 2:
         return out  # nothing to share
-    factor = _square_factor(eligible[0][1])
+    factor = _square_factor(eligible[0][1], _factor_key(eligible[0][1]))
     if factor is None:
         return out
-    columns = [_deflation_columns(client) for _, client in eligible]
+    columns = [deflation_columns(client.target, client.free) for _, client in eligible]
     solved = torch.from_numpy(factor.lu.solve(np.concatenate(columns, axis=1)))
     at = 0
     for (k, _), block in zip(eligible, columns, strict=True):
@@ -691,9 +691,9 @@ def _factor_key(client: _Client) -> tuple[Hashable, str]:
     return weights_key(key, [client.weight])
 
 
-def _square_factor(client: _Client) -> SquareFactor | None:
-    """The weights' sparse LU and weakest directions (cached: a round's clients share it)."""
-    full = _factor_key(client)
+def _square_factor(client: _Client, full: tuple[Hashable, str]) -> SquareFactor | None:
+    """The weights' sparse LU and weakest directions, cached under ``full`` (the client's
+    :func:`_factor_key`): a round's clients share it."""
     # A round's workers all need it: they share its column solves under the same identity.
     order = _column_orders.get(client.geometry)
     factor = cached(
@@ -710,11 +710,6 @@ def _square_factor(client: _Client) -> SquareFactor | None:
     return factor
 
 
-def _deflation_columns(client: _Client) -> np.ndarray:
-    """The right-hand sides of the client's factorised solve (:func:`deflation_columns`)."""
-    return deflation_columns(client.target, client.free)
-
-
 def _solve_factored(client: _Client, solved: torch.Tensor | None = None) -> torch.Tensor | None:
     """The stacked least squares through the weights' shared factorisation.
 
@@ -722,15 +717,15 @@ def _solve_factored(client: _Client, solved: torch.Tensor | None = None) -> torc
     (the few free rows are e.g. close activation calls): its sparse LU and weakest
     directions are built once per weights (every client of a round shares them), and each
     client adds only its gradient constraints on those directions. ``solved`` is
-    ``K^-1`` of :func:`_deflation_columns`, if already made. None when the small system
+    ``K^-1`` of its :func:`deflation_columns`, if already made. None when the small system
     does not determine the answer.
     """
     c, h, w = client.input_shape
     hw, rows = h * w, client.rows
-    factor = _square_factor(client)
+    full = _factor_key(client)
+    factor = _square_factor(client, full)
     if factor is None:
         return None
-    full = _factor_key(client)
 
     def rows_on(take: Callable[[torch.Tensor], torch.Tensor], m: int) -> torch.Tensor:
         # (c*rows, m): the same row matrix G acts on every channel, one block of rows at a
@@ -896,15 +891,10 @@ def _all_row_blocks(geometry: _Geometry) -> list[tuple[torch.Tensor, torch.Tenso
     ``u = s*p + i*d - pad``, one of ``s*s`` interleaved grids. Cached, shared, not to be
     modified.
     """
-    f_out, (kh, kw) = geometry[:2]
-    return _blocks(torch.arange(f_out * kh * kw), geometry)
-
-
-def _blocks(kept: torch.Tensor, geometry: _Geometry) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The (rows, columns) blocks of :func:`_all_row_blocks`, for the rows in ``kept``."""
-    _, (kh, kw), (sh, sw), (dh, dw), (ph, pw), _, (h, w) = geometry
-    i = (kept // kw) % kh
-    j = kept % kw
+    f_out, (kh, kw), (sh, sw), (dh, dw), (ph, pw), _, (h, w) = geometry
+    row = torch.arange(f_out * kh * kw)  # f*kh*kw + i*kw + j
+    i = (row // kw) % kh
+    j = row % kw
     phase = ((i * dh - ph) % sh) * sw + (j * dw - pw) % sw
     u = torch.arange(h).view(-1, 1).expand(h, w).reshape(-1)
     v = torch.arange(w).view(1, -1).expand(h, w).reshape(-1)
