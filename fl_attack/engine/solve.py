@@ -157,14 +157,20 @@ def _well_posed(
     matrix: torch.Tensor, rank_rtol: float, anorm: float
 ) -> tuple[torch.Tensor, float] | None:
     """:func:`well_posed_cholesky` given the 1-norm; also returns the reciprocal condition."""
-    factor, info = cholesky(matrix)
-    if info != 0:
-        return None
-    top = float(matrix.diagonal().max())
-    if not bool((factor.diagonal() ** 2 > (rank_rtol**2) * top).all()):
+    factor = _pivots_clear(matrix, rank_rtol, float(matrix.diagonal().max()))
+    if factor is None:
         return None
     rcond = _reciprocal_condition(factor, anorm)
     return (factor, rcond) if rcond > rank_rtol**2 else None
+
+
+def _pivots_clear(matrix: torch.Tensor, rank_rtol: float, top: float) -> torch.Tensor | None:
+    """Lower Cholesky factor of ``matrix`` if it exists and every pivot squared is above
+    ``rank_rtol**2 * top`` (``top``: the largest diagonal entry of the whole system)."""
+    factor, info = cholesky(matrix)
+    if info != 0 or not bool((factor.diagonal() ** 2 > (rank_rtol**2) * top).all()):
+        return None
+    return factor
 
 
 def solve_spd_blocks(
@@ -197,8 +203,8 @@ def solve_spd_blocks(
     x = torch.empty_like(rhs)
     largest_norm = largest_inverse_norm = 0.0
     for indices, block in blocks:
-        factor, info = cholesky(block)
-        if info != 0 or not bool((factor.diagonal() ** 2 > (rank_rtol**2) * top).all()):
+        factor = _pivots_clear(block, rank_rtol, top)
+        if factor is None:
             return None
         anorm = float(torch.linalg.matrix_norm(block, ord=1))
         rcond = _reciprocal_condition(factor, anorm)
