@@ -324,20 +324,17 @@ def _first_layer(
     route: _Route, input_floor: float | None, partial: _Partial, start: float
 ) -> Reconstruction:
     """The first layer below :func:`_upper_layers`' result, then the label and evidence."""
-    name, layer = route.chain[0]
-    inverter = inverter_for(layer)
-    assert inverter is not None
-    with torch.no_grad():
-        signal, diag = inverter.invert(
-            layer,
-            name,
-            _own_gradients(partial.named, name, layer),
-            partial.signal,
-            route.shapes[0],
-            partial.options,
-            input_floor=input_floor,
-        )
-    return _finished(route, partial, signal, diag, time.perf_counter() - start)
+    signal, diagnostics = _invert(
+        route,
+        partial.named,
+        partial.options,
+        input_floor,
+        partial.signal,
+        list(partial.diagnostics),
+        0,
+    )
+    assert signal is not None
+    return _finished(route, partial, signal, diagnostics, time.perf_counter() - start)
 
 
 def _first_layers(
@@ -365,26 +362,30 @@ def _first_layers(
             continue
         start = time.perf_counter()
         signal, diag = outcome
+        diagnostics = [*partial.diagnostics, diag]
         try:
             # The layer's time is its diagnostics' (with its share of the batch's work).
-            out.append(
-                _finished(route, partial, signal, diag, diag.seconds + time.perf_counter() - start)
-            )
+            seconds = diag.seconds + time.perf_counter() - start
+            out.append(_finished(route, partial, signal, diagnostics, seconds))
         except EngineError as exc:
             out.append(exc.with_traceback(None))
     return out
 
 
 def _finished(
-    route: _Route, partial: _Partial, signal: Signal, diag: LayerDiagnostics, seconds: float
+    route: _Route,
+    partial: _Partial,
+    signal: Signal,
+    diagnostics: list[LayerDiagnostics],
+    seconds: float,
 ) -> Reconstruction:
     """A client's result from its first layer's input: label, findings and evidence.
 
-    ``seconds`` is the time spent below the upper layers so far (the evidence adds its own).
+    ``diagnostics`` are every layer's, the first one's last; ``seconds`` is the time spent
+    below the upper layers so far (the evidence adds its own).
     """
     start = time.perf_counter()
     named, options = partial.named, partial.options
-    diagnostics = [*partial.diagnostics, diag]
     last_bias = named[_prefix(route.chain[-1][0]) + "bias"]
     label = int(last_bias.argmin())
     warnings, notes = _findings(diagnostics, last_bias, options)
