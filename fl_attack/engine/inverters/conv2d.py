@@ -727,17 +727,9 @@ def _solve_factored(client: _Client, solved: torch.Tensor | None = None) -> torc
     if factor is None:
         return None
 
-    def rows_on(take: Callable[[torch.Tensor], torch.Tensor], m: int) -> torch.Tensor:
-        # (c*rows, m): the same row matrix G acts on every channel, one block of rows at a
-        # time, on the only columns it touches (take(cols): (c, len(cols), m)).
-        out = torch.empty(c, rows.count, m, dtype=torch.float64)
-        for r, cols, sub in rows.blocks:
-            out[:, r] = torch.matmul(sub, take(cols))
-        return out.reshape(-1, m)
-
     def apply_gradient_rows(x: torch.Tensor) -> torch.Tensor:
-        per_channel = x.reshape(c, hw, -1)
-        return rows_on(lambda cols: per_channel.index_select(1, cols), x.shape[1])
+        # (c*hw, m) -> (c*rows, m): the same G acts on every channel.
+        return rows.times(x.reshape(c, hw, -1)).reshape(-1, x.shape[1])
 
     # The shared basis's rows are kept sorted by pixel phase (once per weights): each block
     # reads a contiguous slice of it instead of gathering a copy.
@@ -755,7 +747,7 @@ def _solve_factored(client: _Client, solved: torch.Tensor | None = None) -> torc
         k_scale=client.rms,
         rank_rtol=client.options.rank_rtol,
         free_rows=client.free,
-        other_on_basis=rows_on(phase_slice, factor.basis.shape[1]),
+        other_on_basis=rows.times(by_phase, phase_slice).reshape(-1, by_phase.shape[-1]),
         solved=solved,
     )
 
@@ -1059,11 +1051,18 @@ class _Rows:
     pixels: int
     grams: list[torch.Tensor] = field(default_factory=list)  # G^T G, once built
 
-    def times(self, x: torch.Tensor) -> torch.Tensor:
-        """``G x`` for ``x`` (pixels, k): (rows, k)."""
-        out = torch.zeros(self.count, x.shape[1], dtype=torch.float64)
+    def times(
+        self, x: torch.Tensor, take: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """``G x`` for ``x`` (..., pixels, k): (..., rows, k).
+
+        ``take(cols)``, if given, is ``x``'s rows ``cols`` by a faster way than gathering
+        them (a slice of an ``x`` stored sorted by phase); each block reads only those.
+        """
+        out = torch.zeros(*x.shape[:-2], self.count, x.shape[-1], dtype=torch.float64)
         for rows, cols, sub in self.blocks:
-            out[rows] = sub @ x.index_select(0, cols)
+            part = take(cols) if take is not None else x.index_select(-2, cols)
+            out[..., rows, :] = torch.matmul(sub, part)
         return out
 
     def transposed_times(self, b: torch.Tensor) -> torch.Tensor:
